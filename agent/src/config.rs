@@ -1,0 +1,312 @@
+//! The agent's validated configuration: command-line values laid over the optional TOML file, checked once
+//! and passed explicitly. No `Default`, no global state; every limit the agent enforces is named here.
+
+use crate::connection::BrokerUrl;
+use crate::wire::EndpointId;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Built-in functions, always available; a config file cannot redefine them.
+pub const BUILTIN_ECHO: &str = "echo";
+pub const BUILTIN_SLEEP: &str = "sleep";
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoint_id: EndpointId,
+    pub broker_url: BrokerUrl,
+    pub data_dir: PathBuf,
+    /// Concurrent executor slots.
+    pub workers: usize,
+    /// `basic.qos` prefetch of the subscriber: deliveries in flight before an ack.
+    pub prefetch: u16,
+    /// Above this many queued tasks on disk the subscriber takes nothing more (work stays in the broker).
+    pub max_backlog: u64,
+    /// A task that was running when the agent died this many times gets a `failed` result instead of a rerun.
+    pub max_attempts: u32,
+    /// A task body larger than this gets a `rejected` result.
+    pub max_body_bytes: usize,
+    /// On SIGINT/SIGTERM, how long running tasks may take to finish before they are killed (and requeued).
+    pub grace_period: Duration,
+    /// How long published results (and their tasks, for de-duplication) are kept on disk.
+    pub result_retention: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub functions: BTreeMap<String, Function>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Function {
+    /// Returns the payload.
+    Echo,
+    /// Sleeps for the payload's number of milliseconds, returns nothing.
+    Sleep,
+    Command(CommandSpec),
+}
+
+/// A function that runs a program (no shell): payload on stdin, stdout is the result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandSpec {
+    pub program: String,
+    pub args: Vec<String>,
+    pub timeout: Duration,
+    pub max_output_bytes: usize,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<PathBuf>,
+}
+
+/// Values given on the command line (or their env vars); each wins over the file.
+#[derive(Clone, Debug)]
+pub struct Overrides {
+    pub endpoint_id: EndpointId,
+    pub broker_url: BrokerUrl,
+    pub data_dir: Option<PathBuf>,
+    pub workers: Option<usize>,
+    pub prefetch: Option<u16>,
+}
+
+/// The TOML file, as written by an operator. See README "Configuration".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    workers: Option<usize>,
+    prefetch: Option<u16>,
+    max_backlog: Option<u64>,
+    max_attempts: Option<u32>,
+    max_body_bytes: Option<usize>,
+    grace_period_secs: Option<u64>,
+    result_retention_secs: Option<u64>,
+    reconnect_min_ms: Option<u64>,
+    reconnect_max_ms: Option<u64>,
+    #[serde(default)]
+    functions: BTreeMap<String, FileFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFunction {
+    /// Program and arguments, e.g. `["wc", "-c"]`.
+    command: Vec<String>,
+    timeout_secs: Option<u64>,
+    max_output_bytes: Option<usize>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is not valid: {1}")]
+    Parse(PathBuf, String),
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+const DEFAULT_PREFETCH: u16 = 256;
+const DEFAULT_MAX_BACKLOG: u64 = 10_000;
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+const DEFAULT_GRACE_SECS: u64 = 30;
+const DEFAULT_RETENTION_SECS: u64 = 24 * 3600;
+const DEFAULT_FUNCTION_TIMEOUT_SECS: u64 = 600;
+const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+
+impl Config {
+    /// Reads the file (if any), lays the overrides over it and validates the result.
+    pub fn load(overrides: Overrides, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let parsed = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))?
+            }
+            None => FileConfig::default(),
+        };
+        Self::build(overrides, parsed)
+    }
+
+    fn build(o: Overrides, f: FileConfig) -> Result<Config, ConfigError> {
+        let data_dir = match o.data_dir.or(f.data_dir) {
+            Some(d) => d,
+            None => default_data_dir(&o.endpoint_id),
+        };
+        let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let workers = o.workers.or(f.workers).unwrap_or(default_workers);
+        let prefetch = o.prefetch.or(f.prefetch).unwrap_or(DEFAULT_PREFETCH);
+        let reconnect_min = Duration::from_millis(f.reconnect_min_ms.unwrap_or(200));
+        let reconnect_max = Duration::from_millis(f.reconnect_max_ms.unwrap_or(30_000));
+        let config = Config {
+            endpoint_id: o.endpoint_id,
+            broker_url: o.broker_url,
+            data_dir,
+            workers,
+            prefetch,
+            max_backlog: f.max_backlog.unwrap_or(DEFAULT_MAX_BACKLOG),
+            max_attempts: f.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            max_body_bytes: f.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            grace_period: Duration::from_secs(f.grace_period_secs.unwrap_or(DEFAULT_GRACE_SECS)),
+            result_retention: Duration::from_secs(
+                f.result_retention_secs.unwrap_or(DEFAULT_RETENTION_SECS),
+            ),
+            reconnect_min,
+            reconnect_max,
+            functions: functions(f.functions)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.workers == 0 || self.workers > 1024 {
+            return bad(format!("workers is {}: use 1 to 1024", self.workers));
+        }
+        if self.prefetch == 0 {
+            return bad("prefetch is 0 (unlimited): use 1 to 65535".into());
+        }
+        if self.max_backlog == 0 {
+            return bad("max_backlog is 0: use at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts is 0: use at least 1".into());
+        }
+        if self.max_body_bytes == 0 {
+            return bad("max_body_bytes is 0: use at least 1".into());
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            return bad(format!(
+                "reconnect_min_ms ({:?}) must be above 0 and at most reconnect_max_ms ({:?})",
+                self.reconnect_min, self.reconnect_max
+            ));
+        }
+        Ok(())
+    }
+
+    /// The function named by a task's `type`, if this endpoint offers it.
+    pub fn function(&self, name: &str) -> Option<&Function> {
+        self.functions.get(name)
+    }
+}
+
+fn functions(
+    file: BTreeMap<String, FileFunction>,
+) -> Result<BTreeMap<String, Function>, ConfigError> {
+    let mut out = BTreeMap::new();
+    out.insert(BUILTIN_ECHO.to_owned(), Function::Echo);
+    out.insert(BUILTIN_SLEEP.to_owned(), Function::Sleep);
+    for (name, f) in file {
+        if out.contains_key(&name) {
+            return Err(ConfigError::Invalid(format!(
+                "function {name:?} is built in: choose another name in [functions]"
+            )));
+        }
+        let mut words = f.command.into_iter();
+        let Some(program) = words.next().filter(|p| !p.is_empty()) else {
+            return Err(ConfigError::Invalid(format!(
+                "function {name:?} has an empty command: give the program and its arguments, e.g. command = [\"wc\", \"-c\"]"
+            )));
+        };
+        let timeout = Duration::from_secs(f.timeout_secs.unwrap_or(DEFAULT_FUNCTION_TIMEOUT_SECS));
+        if timeout.is_zero() {
+            return Err(ConfigError::Invalid(format!(
+                "function {name:?} has timeout_secs = 0: use at least 1"
+            )));
+        }
+        let spec = CommandSpec {
+            program,
+            args: words.collect(),
+            timeout,
+            max_output_bytes: f.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT_BYTES),
+            env: f.env,
+            working_dir: f.working_dir,
+        };
+        out.insert(name, Function::Command(spec));
+    }
+    Ok(out)
+}
+
+/// `$XDG_STATE_HOME/endpoint-agent/<EP>`, else `~/.local/state/endpoint-agent/<EP>`, else
+/// `./endpoint-agent-data/<EP>`.
+pub fn default_data_dir(ep: &EndpointId) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")));
+    match base {
+        Some(b) => b.join("endpoint-agent").join(ep.as_str()),
+        None => PathBuf::from("endpoint-agent-data").join(ep.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides() -> Overrides {
+        Overrides {
+            endpoint_id: EndpointId::new("ep").unwrap(),
+            broker_url: BrokerUrl::new("amqp://h/%2f").unwrap(),
+            data_dir: Some("/tmp/x".into()),
+            workers: None,
+            prefetch: None,
+        }
+    }
+
+    fn check(toml: &str, expected: Result<(), &str>) -> Option<Config> {
+        let parsed = toml::from_str::<FileConfig>(toml).map_err(|e| e.to_string());
+        let built = parsed.and_then(|f| Config::build(overrides(), f).map_err(|e| e.to_string()));
+        match (&built, expected) {
+            (Ok(_), Ok(())) => {}
+            (Err(e), Err(want)) => assert!(e.contains(want), "{e:?} should contain {want:?}"),
+            (got, want) => panic!("{toml:?}: got {got:?}, want {want:?}"),
+        }
+        built.ok()
+    }
+
+    #[test]
+    fn file_settings() {
+        let c = check("", Ok(())).unwrap();
+        assert_eq!(c.max_attempts, 3);
+        assert!(c.function("echo").is_some() && c.function("sleep").is_some());
+        let c = check(
+            "workers = 3\nmax_backlog = 5\n[functions.wc]\ncommand = [\"wc\", \"-c\"]\ntimeout_secs = 2\n",
+            Ok(()),
+        )
+        .unwrap();
+        assert_eq!(c.workers, 3);
+        let Some(Function::Command(wc)) = c.function("wc") else {
+            panic!("wc missing")
+        };
+        assert_eq!(
+            (wc.program.as_str(), wc.args.clone(), wc.timeout),
+            ("wc", vec!["-c".to_owned()], Duration::from_secs(2))
+        );
+        check("workers = 0", Err("workers is 0"));
+        check("prefetch = 0", Err("prefetch is 0"));
+        check("wrokers = 2", Err("unknown field"));
+        check("[functions.echo]\ncommand = [\"cat\"]", Err("is built in"));
+        check("[functions.x]\ncommand = []", Err("empty command"));
+        check(
+            "[functions.x]\ncommand = [\"cat\"]\ntimeout_secs = 0",
+            Err("timeout_secs = 0"),
+        );
+        check(
+            "reconnect_min_ms = 5000\nreconnect_max_ms = 10",
+            Err("reconnect_min_ms"),
+        );
+    }
+
+    #[test]
+    fn command_line_wins() {
+        let mut o = overrides();
+        o.workers = Some(7);
+        let f = toml::from_str::<FileConfig>("workers = 2\ndata_dir = \"/elsewhere\"").unwrap();
+        let c = Config::build(o, f).unwrap();
+        assert_eq!((c.workers, c.data_dir), (7, PathBuf::from("/tmp/x")));
+    }
+}

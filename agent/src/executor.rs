@@ -1,0 +1,509 @@
+//! Runs tasks: the built-in functions and configured commands, with timeouts, output caps and process-group
+//! kills, and the worker loops that feed executor slots from the store. Knows nothing of AMQP, so it keeps
+//! working while the broker is away and is tested without one.
+
+use crate::config::{CommandSpec, Config, Function};
+use crate::store::{ClaimedTask, Store, TaskResult};
+use crate::wire::Status;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// How much of a failed command's stderr is kept in its result.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+/// What running a task came to.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Finished {
+        status: Status,
+        exit_code: Option<i32>,
+        body: Vec<u8>,
+    },
+    /// Killed because the agent is shutting down: the task goes back to the queue.
+    Interrupted,
+}
+
+fn finished(status: Status, exit_code: Option<i32>, body: impl Into<Vec<u8>>) -> Outcome {
+    Outcome::Finished {
+        status,
+        exit_code,
+        body: body.into(),
+    }
+}
+
+/// Runs `task` with the function the config names; `kill` aborts it (shutdown after the grace period).
+pub async fn execute(config: &Config, task: &ClaimedTask, kill: &CancellationToken) -> Outcome {
+    let Some(function) = config.function(&task.function) else {
+        // Checked on intake; reachable only if the config changed between runs of the agent.
+        return finished(
+            Status::Rejected,
+            None,
+            format!(
+                "unknown function {:?}: this endpoint does not offer it",
+                task.function
+            ),
+        );
+    };
+    let task_timeout = task.timeout_ms.map(Duration::from_millis);
+    match function {
+        Function::Echo => finished(Status::Ok, None, task.payload.clone()),
+        Function::Sleep => sleep(&task.payload, task_timeout, kill).await,
+        Function::Command(spec) => {
+            let timeout = task_timeout.map_or(spec.timeout, |t| t.min(spec.timeout));
+            run_command(spec, task, timeout, kill).await
+        }
+    }
+}
+
+async fn sleep(payload: &[u8], timeout: Option<Duration>, kill: &CancellationToken) -> Outcome {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.trim();
+    if text.is_empty() {
+        return finished(
+            Status::Rejected,
+            None,
+            "sleep needs a payload: the number of milliseconds to sleep",
+        );
+    }
+    let Ok(ms) = text.parse::<u64>() else {
+        return finished(
+            Status::Rejected,
+            None,
+            format!("sleep payload {text:?} is not a whole number of milliseconds"),
+        );
+    };
+    let want = Duration::from_millis(ms);
+    let limit = timeout.unwrap_or(Duration::MAX).min(want);
+    tokio::select! {
+        _ = kill.cancelled() => Outcome::Interrupted,
+        _ = tokio::time::sleep(limit) => if limit < want {
+            finished(Status::Timeout, None, format!("timed out after {} ms", limit.as_millis()))
+        } else {
+            finished(Status::Ok, None, Vec::new())
+        },
+    }
+}
+
+async fn run_command(
+    spec: &CommandSpec,
+    task: &ClaimedTask,
+    timeout: Duration,
+    kill: &CancellationToken,
+) -> Outcome {
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(&spec.env)
+        .env("ENDPOINT_AGENT_TASK_ID", &task.task_id)
+        .env("ENDPOINT_AGENT_ATTEMPT", task.attempts.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group, so a timeout kills everything it started.
+        .process_group(0);
+    if let Some(dir) = &spec.working_dir {
+        cmd.current_dir(dir);
+    }
+    die_with_parent(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return finished(
+                Status::Failed,
+                None,
+                format!("cannot start {:?}: {e}", spec.program),
+            );
+        }
+    };
+    let pgid = child.id();
+    let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        kill_group(pgid);
+        return finished(Status::Failed, None, "cannot open the command's pipes");
+    };
+    let payload = task.payload.clone();
+    // Feed stdin concurrently with reading, so a command that writes before it reads cannot deadlock us;
+    // a command that never reads its stdin closes the pipe (EPIPE), which is fine.
+    let feeder = tokio::spawn(async move {
+        let _ = stdin.write_all(&payload).await;
+        let _ = stdin.shutdown().await;
+    });
+    let cap = spec.max_output_bytes;
+    let read_out = async {
+        let mut out = Vec::new();
+        let mut limited = (&mut stdout).take(cap as u64 + 1);
+        let r = limited.read_to_end(&mut out).await;
+        (out, r)
+    };
+    let read_err = async {
+        let mut tail = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..n]);
+            if tail.len() > 2 * STDERR_TAIL_BYTES {
+                tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+            }
+        }
+        if tail.len() > STDERR_TAIL_BYTES {
+            tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+        }
+        tail
+    };
+    let work = async {
+        let ((out, read), err) = tokio::join!(read_out, read_err);
+        (out, read, err)
+    };
+    let outcome = tokio::select! {
+        _ = kill.cancelled() => Err(None),
+        _ = tokio::time::sleep(timeout) => Err(Some(timeout)),
+        r = work => Ok(r),
+    };
+    feeder.abort();
+    let (out, read, err) = match outcome {
+        Ok(r) => r,
+        Err(reason) => {
+            kill_group(pgid);
+            let _ = child.wait().await;
+            return match reason {
+                None => Outcome::Interrupted,
+                Some(t) => finished(
+                    Status::Timeout,
+                    None,
+                    format!(
+                        "timed out after {} ms; its process group was killed",
+                        t.as_millis()
+                    ),
+                ),
+            };
+        }
+    };
+    if out.len() > cap {
+        kill_group(pgid);
+        let _ = child.wait().await;
+        return finished(
+            Status::Failed,
+            None,
+            format!(
+                "output exceeded the cap of {cap} bytes (max_output_bytes); the command was killed"
+            ),
+        );
+    }
+    // Output is complete (stdout closed); reap, and kill whatever is left of the group.
+    let status = tokio::select! {
+        s = child.wait() => s,
+        _ = tokio::time::sleep(timeout) => { kill_group(pgid); child.wait().await }
+    };
+    kill_group(pgid);
+    let stderr_tail = String::from_utf8_lossy(&err);
+    match (status, read) {
+        (Err(e), _) => finished(
+            Status::Failed,
+            None,
+            format!("cannot wait for the command: {e}"),
+        ),
+        (_, Err(e)) => finished(
+            Status::Failed,
+            None,
+            format!("cannot read the command's output: {e}"),
+        ),
+        (Ok(st), Ok(_)) if st.success() => finished(Status::Ok, Some(0), out),
+        (Ok(st), Ok(_)) => {
+            use std::os::unix::process::ExitStatusExt;
+            match (st.code(), st.signal()) {
+                (Some(code), _) => finished(
+                    Status::Failed,
+                    Some(code),
+                    format!("command exited with code {code}; stderr tail:\n{stderr_tail}"),
+                ),
+                (None, sig) => finished(
+                    Status::Failed,
+                    None,
+                    format!(
+                        "command was killed by signal {}; stderr tail:\n{stderr_tail}",
+                        sig.unwrap_or(0)
+                    ),
+                ),
+            }
+        }
+    }
+}
+
+/// Asks the kernel to SIGKILL the child if the agent dies, so a SIGKILLed agent leaves no orphan behind
+/// (its grandchildren are reached through the process group on timeout, not on agent death).
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it runs in the forked child
+    // before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[allow(unsafe_code)]
+fn kill_group(pgid: Option<u32>) {
+    if let Some(pgid) = pgid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: killpg takes plain integers; the group is the one the child leads (process_group(0)).
+        // ESRCH (already gone) is expected and ignored.
+        unsafe {
+            libc::killpg(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Wakes workers when tasks are queued, and the publisher when results are stored.
+#[derive(Debug, Default)]
+pub struct Signals {
+    pub new_tasks: Notify,
+    pub new_results: Notify,
+}
+
+/// One executor slot: claim a task, run it, store its result (and claim the next in the same commit), until
+/// `stop` (no new tasks; the running one finishes) or `kill` (the running one is killed and requeued).
+pub async fn worker(
+    config: Arc<Config>,
+    store: Store,
+    signals: Arc<Signals>,
+    stop: CancellationToken,
+    kill: CancellationToken,
+) {
+    let mut finished_task: Option<TaskResult> = None;
+    let mut retry =
+        crate::connection::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let notified = signals.new_tasks.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let want = !stop.is_cancelled();
+        let had_result = finished_task.is_some();
+        let claimed = match store.finish_and_claim(finished_task.clone(), want).await {
+            Ok(c) => {
+                finished_task = None;
+                retry.reset();
+                c
+            }
+            Err(e) => {
+                // Disk full or similar: keep the result in memory and try again; never drop it.
+                tracing::error!(error = %e, "cannot store a result or claim a task; retrying");
+                tokio::select! {
+                    _ = kill.cancelled() => return,
+                    _ = tokio::time::sleep(retry.next_delay()) => continue,
+                }
+            }
+        };
+        if had_result {
+            signals.new_results.notify_one();
+        }
+        let Some(task) = claimed else {
+            if !want {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        };
+        let started = Instant::now();
+        tracing::debug!(task_id = %task.task_id, function = %task.function, attempt = task.attempts, "running");
+        match execute(&config, &task, &kill).await {
+            Outcome::Interrupted => {
+                if let Err(e) = store.requeue(task.task_id.clone()).await {
+                    // It stays `running` on disk and is rerun at the next start (counted as an attempt).
+                    tracing::warn!(task_id = %task.task_id, error = %e, "cannot requeue an interrupted task");
+                }
+                return;
+            }
+            Outcome::Finished {
+                status,
+                exit_code,
+                body,
+            } => {
+                finished_task = Some(TaskResult {
+                    task_id: task.task_id,
+                    status,
+                    exit_code,
+                    attempts: task.attempts,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    body,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+    use crate::connection::BrokerUrl;
+    use crate::wire::EndpointId;
+
+    fn config(functions: &str) -> Config {
+        let path = std::env::temp_dir().join(format!(
+            "ea-exec-{}-{}.toml",
+            std::process::id(),
+            crate::wire::now_ms()
+        ));
+        std::fs::write(&path, functions).unwrap();
+        let o = Overrides {
+            endpoint_id: EndpointId::new("ep").unwrap(),
+            broker_url: BrokerUrl::new("amqp://h/%2f").unwrap(),
+            data_dir: Some(std::env::temp_dir()),
+            workers: None,
+            prefetch: None,
+        };
+        Config::load(o, Some(&path)).unwrap()
+    }
+
+    fn task(function: &str, payload: &str, timeout_ms: Option<u64>) -> ClaimedTask {
+        ClaimedTask {
+            task_id: "t1".into(),
+            function: function.into(),
+            payload: payload.as_bytes().to_vec(),
+            timeout_ms,
+            attempts: 1,
+        }
+    }
+
+    async fn check(c: &Config, t: ClaimedTask, status: Status, body_has: &str) -> Outcome {
+        let out = execute(c, &t, &CancellationToken::new()).await;
+        match &out {
+            Outcome::Finished {
+                status: s, body, ..
+            } => {
+                let text = String::from_utf8_lossy(body);
+                assert_eq!(*s, status, "{}: {text}", t.function);
+                assert!(
+                    text.contains(body_has),
+                    "{}: {text:?} lacks {body_has:?}",
+                    t.function
+                );
+            }
+            Outcome::Interrupted => panic!("{} interrupted", t.function),
+        }
+        out
+    }
+
+    const FUNCTIONS: &str = r#"
+[functions.wc]
+command = ["wc", "-c"]
+[functions.fail]
+command = ["sh", "-c", "echo oops >&2; exit 3"]
+[functions.hang]
+command = ["sh", "-c", "sleep 30 & sleep 30"]
+timeout_secs = 1
+[functions.big]
+command = ["sh", "-c", "head -c 5000 /dev/zero"]
+max_output_bytes = 100
+[functions.selfkill]
+command = ["sh", "-c", "kill -9 $$"]
+[functions.missing]
+command = ["/nonexistent/program"]
+[functions.noread]
+command = ["true"]
+"#;
+
+    #[tokio::test]
+    async fn builtins_and_commands() {
+        let c = config(FUNCTIONS);
+        check(&c, task("echo", "hi", None), Status::Ok, "hi").await;
+        check(&c, task("sleep", "10", None), Status::Ok, "").await;
+        check(
+            &c,
+            task("sleep", "5000", Some(20)),
+            Status::Timeout,
+            "timed out",
+        )
+        .await;
+        check(
+            &c,
+            task("sleep", "", None),
+            Status::Rejected,
+            "needs a payload",
+        )
+        .await;
+        check(
+            &c,
+            task("sleep", "soon", None),
+            Status::Rejected,
+            "not a whole number",
+        )
+        .await;
+        check(&c, task("wc", "hello", None), Status::Ok, "5").await;
+        let out = check(&c, task("fail", "", None), Status::Failed, "oops").await;
+        assert!(matches!(
+            out,
+            Outcome::Finished {
+                exit_code: Some(3),
+                ..
+            }
+        ));
+        check(
+            &c,
+            task("hang", "", None),
+            Status::Timeout,
+            "process group was killed",
+        )
+        .await;
+        check(
+            &c,
+            task("hang", "", Some(50)),
+            Status::Timeout,
+            "after 50 ms",
+        )
+        .await;
+        check(
+            &c,
+            task("big", "", None),
+            Status::Failed,
+            "cap of 100 bytes",
+        )
+        .await;
+        check(&c, task("selfkill", "", None), Status::Failed, "signal 9").await;
+        check(
+            &c,
+            task("missing", "", None),
+            Status::Failed,
+            "cannot start",
+        )
+        .await;
+        let big_payload = "x".repeat(1 << 20);
+        check(&c, task("noread", &big_payload, None), Status::Ok, "").await;
+        check(
+            &c,
+            task("gone", "", None),
+            Status::Rejected,
+            "unknown function",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn kill_interrupts() {
+        let c = config(FUNCTIONS);
+        let kill = CancellationToken::new();
+        kill.cancel();
+        assert_eq!(
+            execute(&c, &task("hang", "", None), &kill).await,
+            Outcome::Interrupted
+        );
+        assert_eq!(
+            execute(&c, &task("sleep", "5000", None), &kill).await,
+            Outcome::Interrupted
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! The `endpoint-agent` binary: parses the command line, sets up logging and signals, and hands over to
+//! `endpoint_agent::run`. Owns exit codes; no agent logic lives here.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use endpoint_agent::config::{Config, Overrides, default_data_dir};
+use endpoint_agent::connection::{BrokerUrl, DEFAULT_BROKER_URL};
+use endpoint_agent::wire::EndpointId;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Runs tasks delivered over RabbitMQ without ever losing one.
+///
+/// Every task is written to a local SQLite queue before it is acked; every result is written to disk before it
+/// is published and kept until the broker confirms it. Broker outages, crashes and restarts lose nothing.
+#[derive(Parser, Debug)]
+#[command(name = "endpoint-agent", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve one endpoint: consume `<EP>.tasks`, run tasks, publish results to the `results` exchange.
+    #[command(after_help = "Examples:
+  service-setup provision --endpoint-id demo
+  endpoint-agent start --endpoint-id demo
+  endpoint-agent start --endpoint-id demo --config agent.toml --workers 8
+  AMQP_URL=amqp://user:pass@broker:5672/prod endpoint-agent start --endpoint-id demo
+
+Signals: SIGINT/SIGTERM stop taking tasks, let running ones finish within grace_period_secs and publish
+what is pending; a second signal exits at once (nothing is lost: unfinished work resumes at the next start).
+Logs go to stderr; RUST_LOG (e.g. RUST_LOG=endpoint_agent=debug) sets the level.")]
+    Start {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        /// AMQP URL of the broker. The password never appears in logs.
+        #[arg(long, env = "AMQP_URL", default_value = DEFAULT_BROKER_URL, hide_env_values = true)]
+        broker_url: String,
+        /// TOML file with limits and command functions (see README, "Configuration").
+        #[arg(long, env = "ENDPOINT_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// Concurrent task slots [default: number of CPUs, or the config file's `workers`].
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Deliveries in flight from the broker before an ack [default: 256, or the config file's `prefetch`].
+        #[arg(long)]
+        prefetch: Option<u16>,
+    },
+    /// Show what an endpoint's data directory holds and whether an agent is running on it.
+    #[command(after_help = "Examples:
+  endpoint-agent status --endpoint-id demo
+  endpoint-agent status --data-dir /var/lib/endpoint-agent/demo --json")]
+    Status {
+        #[command(flatten)]
+        endpoint: StatusArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct EndpointArgs {
+    /// The endpoint to serve (letters, digits, '_' and '-'); provision it first with `service-setup provision`.
+    #[arg(long, env = "ENDPOINT_ID")]
+    endpoint_id: EndpointId,
+    /// Where the endpoint's tasks and results live [default: $XDG_STATE_HOME/endpoint-agent/<EP>, else
+    /// ~/.local/state/endpoint-agent/<EP>]. One agent per data directory.
+    #[arg(long, env = "ENDPOINT_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = true)]
+struct StatusArgs {
+    /// The endpoint whose default data directory to read.
+    #[arg(long, env = "ENDPOINT_ID")]
+    endpoint_id: Option<EndpointId>,
+    /// The data directory to read (wins over --endpoint-id).
+    #[arg(long, env = "ENDPOINT_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Exit codes beyond 0/1: the endpoint is not provisioned, and the data directory is in use.
+const EXIT_NOT_PROVISIONED: u8 = 3;
+const EXIT_LOCKED: u8 = 4;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Start {
+            endpoint,
+            broker_url,
+            config,
+            workers,
+            prefetch,
+        } => start(endpoint, broker_url, config, workers, prefetch),
+        Command::Status { endpoint, json } => status(endpoint, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let agent_error = e.downcast_ref::<endpoint_agent::AgentError>();
+            match agent_error {
+                Some(a) if a.is_not_provisioned() => ExitCode::from(EXIT_NOT_PROVISIONED),
+                Some(endpoint_agent::AgentError::DataDirLocked { .. }) => {
+                    ExitCode::from(EXIT_LOCKED)
+                }
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn start(
+    endpoint: EndpointArgs,
+    broker_url: String,
+    config_file: Option<PathBuf>,
+    workers: Option<usize>,
+    prefetch: Option<u16>,
+) -> anyhow::Result<()> {
+    let overrides = Overrides {
+        endpoint_id: endpoint.endpoint_id,
+        broker_url: BrokerUrl::new(broker_url)?,
+        data_dir: endpoint.data_dir,
+        workers,
+        prefetch,
+    };
+    let config = Config::load(overrides, config_file.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("while starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            first_signal().await;
+            tokio::spawn(async {
+                first_signal().await;
+                eprintln!("second signal: exiting now; unfinished tasks resume at the next start");
+                std::process::exit(130);
+            });
+        };
+        endpoint_agent::run(config, shutdown).await
+    })?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn first_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent can still be stopped by SIGKILL; nothing is lost either way.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn status(args: StatusArgs, json: bool) -> anyhow::Result<()> {
+    let dir = match (args.data_dir, args.endpoint_id) {
+        (Some(d), _) => d,
+        (None, Some(ep)) => default_data_dir(&ep),
+        (None, None) => anyhow::bail!("pass --data-dir or --endpoint-id"),
+    };
+    let status = endpoint_agent::status::local_status(&dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.to_text());
+    }
+    Ok(())
+}
