@@ -1,0 +1,207 @@
+//! Small AMQP building blocks shared by the service-side operations: opening a channel, checking a queue without
+//! creating it, reading a queue without consuming it, and declaring the shared exchanges and queues exactly as the
+//! wire contract says. Every declaration of topology lives here so provision, submit and the results reader cannot
+//! drift apart. It must not decide policy (what is an error for which command); callers do.
+
+use crate::error::{SetupError, reply_text, soft_error};
+use endpoint_agent::connection::BrokerError;
+use endpoint_agent::wire::{RESULTS_BINDING, RESULTS_EXCHANGE, RESULTS_QUEUE, TASKS_EXCHANGE};
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::AMQPSoftError;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ExchangeKind};
+
+/// Wraps a lapin error with what we were doing, for [`SetupError::Broker`].
+pub(crate) fn amqp_err(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> SetupError {
+    let context = context.into();
+    move |e| SetupError::Broker(BrokerError::amqp(context, e))
+}
+
+pub(crate) async fn open_channel(conn: &Connection, purpose: &str) -> Result<Channel, SetupError> {
+    conn.create_channel()
+        .await
+        .map_err(amqp_err(format!("while opening a channel to {purpose}")))
+}
+
+/// Best-effort close: the channel is done with, and a failure here changes nothing for the caller.
+pub(crate) async fn close_channel(channel: &Channel) {
+    if let Err(e) = channel.close(200, "OK".into()).await {
+        tracing::debug!(error = %e, "closing a channel failed");
+    }
+}
+
+/// Arguments of the classic `<EP>.tasks` queue.
+pub(crate) fn tasks_queue_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("classic")),
+    );
+    args
+}
+
+/// Arguments of the max-length-1 `<EP>.registration` and `<EP>.heartbeat` queues: a new message replaces the old.
+pub(crate) fn latest_only_queue_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("drop-head")),
+    );
+    args
+}
+
+pub(crate) async fn declare_exchange(
+    channel: &Channel,
+    name: &str,
+    kind: ExchangeKind,
+) -> Result<(), SetupError> {
+    channel
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_err(format!("while declaring exchange {name}")))
+}
+
+/// Declares a durable queue; a queue that exists with other arguments is reported as [`SetupError::QueueMismatch`].
+pub(crate) async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+) -> Result<lapin::Queue, SetupError> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| {
+            if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) {
+                SetupError::QueueMismatch {
+                    queue: name.to_owned(),
+                    reason: reply_text(&e),
+                }
+            } else {
+                amqp_err(format!("while declaring queue {name}"))(e)
+            }
+        })
+}
+
+pub(crate) async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), SetupError> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_err(format!(
+            "while binding queue {queue} to exchange {exchange} with {key}"
+        )))
+}
+
+/// The shared `tasks` exchange: idempotent, and what lets a mandatory publish to an unprovisioned endpoint come
+/// back as unroutable instead of closing the channel with 404.
+pub(crate) async fn declare_tasks_exchange(channel: &Channel) -> Result<(), SetupError> {
+    declare_exchange(channel, TASKS_EXCHANGE, ExchangeKind::Direct).await
+}
+
+/// The shared results exchange, queue and binding, shared by every endpoint of the vhost.
+pub(crate) async fn declare_results(channel: &Channel) -> Result<(), SetupError> {
+    declare_exchange(channel, RESULTS_EXCHANGE, ExchangeKind::Topic).await?;
+    declare_queue(channel, RESULTS_QUEUE, FieldTable::default()).await?;
+    bind(channel, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_BINDING).await
+}
+
+/// Depth and consumer count of `queue`, or `None` if it does not exist. Uses its own channel because the
+/// broker closes the channel of a passive declare that fails.
+pub(crate) async fn queue_info(
+    conn: &Connection,
+    queue: &str,
+) -> Result<Option<lapin::Queue>, SetupError> {
+    let channel = open_channel(conn, &format!("check queue {queue}")).await?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
+            close_channel(&channel).await;
+            Ok(Some(q))
+        }
+        Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(None),
+        Err(e) => Err(amqp_err(format!("while checking queue {queue}"))(e)),
+    }
+}
+
+/// At most this many messages are looked at by [`peek_all`]; a max-length-1 queue holds one, or two for a moment
+/// when a reader requeues the old message while the writer adds a new one.
+const PEEK_LIMIT: usize = 16;
+
+/// Reads the messages of `queue` without consuming them: `basic.get` until empty, then one `basic.nack` with
+/// `multiple` and `requeue` puts them all back in order. Returns `None` if the queue does not exist.
+pub(crate) async fn peek_all(
+    conn: &Connection,
+    queue: &str,
+) -> Result<Option<Vec<Vec<u8>>>, SetupError> {
+    let channel = open_channel(conn, &format!("read queue {queue}")).await?;
+    let mut bodies = Vec::new();
+    let mut last_tag = None;
+    while bodies.len() < PEEK_LIMIT {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await;
+        match got {
+            Ok(Some(msg)) => {
+                last_tag = Some(msg.delivery.delivery_tag);
+                bodies.push(msg.delivery.data);
+            }
+            Ok(None) => break,
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => return Ok(None),
+            Err(e) => return Err(amqp_err(format!("while reading queue {queue}"))(e)),
+        }
+    }
+    if let Some(tag) = last_tag {
+        channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await
+            .map_err(amqp_err(format!(
+                "while returning the messages read to queue {queue}"
+            )))?;
+    }
+    close_channel(&channel).await;
+    Ok(Some(bodies))
+}

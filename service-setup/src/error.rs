@@ -1,0 +1,127 @@
+//! The one error type of the service-setup library, with the predicates the CLI maps to exit codes and a caller
+//! may use to decide on a retry. Classification of lapin errors stays in `endpoint_agent::connection`
+//! (`BrokerError`); this module only adds the service-side outcomes and must not match on message strings.
+
+use endpoint_agent::connection::BrokerError;
+use endpoint_agent::wire::EndpointId;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("endpoint {0} is not provisioned: run `service-setup provision --endpoint-id {0}`")]
+    NotProvisioned(EndpointId),
+
+    #[error(
+        "endpoint {endpoint} still has {count} task(s) queued in {queue}: wait for the agent to run them, or pass --force to delete them"
+    )]
+    TasksQueued {
+        endpoint: EndpointId,
+        queue: String,
+        count: u32,
+    },
+
+    #[error(
+        "queue {queue} already exists with different arguments ({reason}): delete it with `rabbitmqctl delete_queue {queue}` (its messages are lost) and provision again"
+    )]
+    QueueMismatch { queue: String, reason: String },
+
+    #[error(
+        "the broker refused {what} (negative confirm): it may be short of disk or memory, check `rabbitmqctl status` and retry"
+    )]
+    Nacked { what: String },
+
+    #[error("the broker returned {what} as unroutable: {reason}")]
+    Unroutable { what: String, reason: String },
+
+    /// A caller-supplied value is out of range; the message says which and what to pass instead.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error(
+        "could not connect to {url} within {secs}s: check that RabbitMQ is running and reachable (e.g. `rabbitmq-server -detached`)"
+    )]
+    ConnectTimeout { url: String, secs: u64 },
+
+    #[error("could not write results")]
+    Output(#[source] std::io::Error),
+
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl SetupError {
+    /// The endpoint's queues do not exist: an operator must run `service-setup provision`.
+    pub fn is_not_provisioned(&self) -> bool {
+        matches!(self, SetupError::NotProvisioned(_))
+    }
+
+    /// No connection could be opened at all (refused, unreachable, timed out, login or vhost refused).
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(
+            self,
+            SetupError::ConnectTimeout { .. } | SetupError::Broker(BrokerError::Connect { .. })
+        )
+    }
+
+    /// Worth retrying as is: a network problem, a closed channel, a broker restart, a negative confirm.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SetupError::Broker(e) => e.is_transient(),
+            SetupError::ConnectTimeout { .. } | SetupError::Nacked { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// The soft (channel-level) AMQP error behind a lapin error, if that is what it is.
+pub(crate) fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// The broker's explanation behind a lapin error (`PRECONDITION_FAILED - inequivalent arg ...`).
+pub(crate) fn reply_text(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let ep = EndpointId::new("demo").expect("valid id");
+        assert_eq!(
+            SetupError::NotProvisioned(ep.clone()).to_string(),
+            "endpoint demo is not provisioned: run `service-setup provision --endpoint-id demo`"
+        );
+        let queued = SetupError::TasksQueued {
+            endpoint: ep,
+            queue: "demo.tasks".into(),
+            count: 3,
+        };
+        assert!(queued.to_string().contains("3 task(s)"));
+        assert!(queued.to_string().contains("--force"));
+        assert!(!queued.is_transient());
+    }
+
+    #[test]
+    fn predicates() {
+        let timeout = SetupError::ConnectTimeout {
+            url: "amqp://h".into(),
+            secs: 1,
+        };
+        assert!(timeout.is_connect_failure());
+        assert!(timeout.is_transient());
+        let ep = EndpointId::new("x").expect("valid id");
+        assert!(SetupError::NotProvisioned(ep).is_not_provisioned());
+    }
+}

@@ -1,0 +1,45 @@
+//! service-setup: the service side of endpoint-agent. It provisions and deprovisions an endpoint's topology on
+//! the broker, submits tasks with publisher confirms, reads results, and reports whether an endpoint's agent is
+//! alive. Names and payloads come from `endpoint_agent::wire`, connections and error classification from
+//! `endpoint_agent::connection`; this crate must not redefine either. The binary (`main.rs`) is a thin CLI over
+//! these functions and owns all printing; nothing in the library writes to stdout.
+
+mod amqp;
+mod base64;
+mod error;
+mod results;
+mod status;
+mod submit;
+mod time;
+mod topology;
+
+pub use endpoint_agent::connection::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL};
+pub use endpoint_agent::wire::{AgentState, EndpointId, Heartbeat, Registration};
+pub use error::SetupError;
+pub use results::{ResultRecord, ResultsQuery, read_results};
+pub use status::{EndpointStatus, Liveness, endpoint_status};
+pub use submit::{Submitter, TaskSpec, new_task_id};
+pub use time::rfc3339_utc;
+pub use topology::{Deprovisioned, deprovision, provision};
+
+use std::time::Duration;
+
+/// How long [`connect`] waits for the broker before giving up: a blackholed host would otherwise hang forever.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a connection named `service-setup` to `url`, giving up after [`CONNECT_TIMEOUT`].
+pub async fn connect(url: &BrokerUrl) -> Result<lapin::Connection, SetupError> {
+    let name = format!("service-setup pid {}", std::process::id());
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        endpoint_agent::connection::connect(url, &name),
+    )
+    .await
+    {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(SetupError::ConnectTimeout {
+            url: url.to_string(),
+            secs: CONNECT_TIMEOUT.as_secs(),
+        }),
+    }
+}

@@ -1,0 +1,486 @@
+//! The `service-setup` command line: parses arguments, opens one broker connection, calls the library and prints.
+//! Data (task ids, results, status) goes to stdout, logs and errors to stderr. It owns exit codes and printing and
+//! nothing else: any AMQP logic belongs in the library, and the broker password must never be printed.
+
+use anyhow::{Context, bail};
+use clap::{CommandFactory, Parser, Subcommand};
+use service_setup::{
+    BrokerUrl, DEFAULT_BROKER_URL, EndpointId, ResultRecord, ResultsQuery, SetupError, Submitter,
+    TaskSpec,
+};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const EXIT_ERROR: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_NOT_PROVISIONED: u8 = 3;
+/// EX_UNAVAILABLE from sysexits.h.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Tasks per confirmed batch: bounds memory and how much a failure leaves unreported.
+const SUBMIT_CHUNK: u32 = 1000;
+
+const MAIN_HELP: &str = "\
+Exit codes:
+  0   success
+  1   error (the message says what to do)
+  2   usage error (bad flag, bad endpoint id, bad broker URL)
+  3   endpoint not provisioned: run `service-setup provision --endpoint-id <ID>`
+  69  broker unreachable or refused the connection
+
+Environment:
+  AMQP_URL   broker URL when --broker-url is not given
+  RUST_LOG   log filter for stderr (default: warn)
+
+Examples:
+  service-setup provision --endpoint-id demo --heartbeat 5
+  service-setup submit --endpoint-id demo --function echo --payload 'hello'
+  service-setup results --endpoint-id demo --max 1
+  service-setup status --endpoint-id demo
+  service-setup deprovision --endpoint-id demo --force";
+
+/// Service side of endpoint-agent: provision endpoints, submit tasks, read results and check agents.
+///
+/// An endpoint is one agent's mailbox on RabbitMQ: a tasks queue, a registration (its settings) and a heartbeat
+/// queue. Provision it once, start `endpoint-agent` with the same endpoint id, then submit tasks and read results.
+#[derive(Debug, Parser)]
+#[command(name = "service-setup", version, after_help = MAIN_HELP)]
+struct Cli {
+    /// AMQP URL of the broker, including user, password and vhost (`%2f` is the default vhost "/").
+    /// The password is never printed.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        default_value = DEFAULT_BROKER_URL,
+        global = true,
+        value_name = "URL"
+    )]
+    broker_url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create (or re-create) an endpoint's queues and write its registration; safe to run again.
+    ///
+    /// Declares the shared `tasks` and `results` exchanges and `results` queue, the endpoint's `<ID>.tasks`,
+    /// `<ID>.registration` and `<ID>.heartbeat` queues, and publishes a fresh registration (confirmed by the
+    /// broker). Running it again with another --heartbeat changes the interval; a running agent picks the new
+    /// registration up when it reconnects.
+    #[command(after_help = "\
+Examples:
+  service-setup provision --endpoint-id demo
+  service-setup provision --endpoint-id demo --heartbeat 30 --json")]
+    Provision {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Seconds between the agent's heartbeats (also its AMQP heartbeat), 1 to 3600.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10,
+              value_parser = clap::value_parser!(u16).range(1..=3600))]
+        heartbeat: u16,
+        /// Print the registration written, as JSON, instead of a summary line.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Delete an endpoint's queues (never the shared `results` queue or exchanges); safe to run again.
+    ///
+    /// Refuses while tasks are still queued for the endpoint, unless --force. Results the endpoint already
+    /// published stay in the shared `results` queue.
+    #[command(after_help = "\
+Examples:
+  service-setup deprovision --endpoint-id demo
+  service-setup deprovision --endpoint-id demo --force   # also drops queued tasks")]
+    Deprovision {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Delete the tasks queue even if tasks are still queued (they are lost).
+        #[arg(long)]
+        force: bool,
+    },
+
+    /// Queue tasks for an endpoint and print their ids, one per line, once the broker confirmed them.
+    ///
+    /// The payload comes from --payload, --payload-file, or stdin when neither is given. With --count N the same
+    /// payload is queued N times, each under its own id. A task for an endpoint that is not provisioned is refused
+    /// (exit code 3).
+    #[command(after_help = "\
+Examples:
+  service-setup submit --endpoint-id demo --function echo --payload 'hello'
+  service-setup submit --endpoint-id demo --function resize --payload-file img.png --timeout-ms 30000
+  echo '{\"n\": 1}' | service-setup submit --endpoint-id demo --function process
+  service-setup submit --endpoint-id demo --function echo --payload x --count 10000 > ids.txt
+  service-setup submit --endpoint-id demo --function echo --payload x --task-id order-42")]
+    Submit {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Name of the function the agent runs (as configured on the agent).
+        #[arg(long, value_name = "NAME")]
+        function: String,
+        /// Payload text.
+        #[arg(long, value_name = "TEXT", conflicts_with = "payload_file")]
+        payload: Option<String>,
+        /// Read the payload (any bytes) from this file.
+        #[arg(long, value_name = "FILE")]
+        payload_file: Option<PathBuf>,
+        /// Queue the task this many times, each with a fresh id.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        count: u32,
+        /// Use this task id instead of a generated one (only with --count 1). Ids are how results are matched.
+        #[arg(long, value_name = "ID")]
+        task_id: Option<String>,
+        /// Kill the task after this many milliseconds (can only shorten the function's own timeout).
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+        timeout_ms: Option<u64>,
+    },
+
+    /// Print results as JSON lines, acknowledging (removing) each one after it was printed.
+    ///
+    /// Reads the shared `results` queue. Each line is {"task_id", "endpoint_id", "status", "exit_code",
+    /// "attempts", "duration_ms", "output"} ("output_base64" instead when the output is not UTF-8). Status is
+    /// ok, failed, timeout or rejected. With --endpoint-id, results of other endpoints are not printed and not
+    /// acknowledged: they return to the queue when this command exits, for their own reader. A result may be
+    /// printed twice if this command dies between printing and acknowledging it; deduplicate on task_id.
+    #[command(after_help = "\
+Examples:
+  service-setup results --endpoint-id demo                 # what has arrived, then exit
+  service-setup results --endpoint-id demo --follow        # keep printing until Ctrl-C
+  service-setup results --endpoint-id demo --max 1 --idle-ms 60000   # wait up to 60s for one result
+  service-setup results | jq -r 'select(.status != \"ok\") | .task_id'")]
+    Results {
+        /// Only print (and acknowledge) results of this endpoint.
+        #[arg(long, value_name = "ID")]
+        endpoint_id: Option<EndpointId>,
+        /// Keep waiting for results until Ctrl-C (or SIGTERM).
+        #[arg(long)]
+        follow: bool,
+        /// Without --follow, exit once no result has arrived for this many milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        idle_ms: u64,
+        /// Exit after printing this many results.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+    },
+
+    /// Show an endpoint's queue depth, consumer, heartbeat interval, last heartbeat and whether its agent runs.
+    ///
+    /// The verdict is `running (...)`, `not running since <time> (stopped cleanly | no heartbeat for Ns)`
+    /// (no heartbeat for 2.5 intervals) or `never seen`. Reads without changing anything. Exits 3 (after
+    /// printing) when the endpoint is not provisioned.
+    #[command(after_help = "\
+Examples:
+  service-setup status --endpoint-id demo
+  service-setup status --endpoint-id demo --json | jq .liveness")]
+    Status {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct EndpointArg {
+    /// Endpoint id: 1 to 128 letters, digits, '_' or '-' (the same id the agent is started with).
+    #[arg(long, value_name = "ID")]
+    endpoint_id: EndpointId,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    // Checked here rather than by clap, whose error would echo the value, password included.
+    let url = match BrokerUrl::new(cli.broker_url.as_str()) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("error: {e}: pass an amqp:// or amqps:// URL with --broker-url or AMQP_URL");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Command::Submit {
+        count,
+        task_id: Some(_),
+        ..
+    } = &cli.command
+        && *count != 1
+    {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--task-id can only be used with --count 1: ids must be unique, drop --task-id to get generated ones",
+            )
+            .exit();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(run(cli.command, url)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", render(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // lapin logs expected refusals (a 404 on a passive declare) as errors; every failure that matters reaches
+        // the user through our own error message.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .init();
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.chain().find_map(|c| c.downcast_ref::<SetupError>()) {
+        Some(s) if s.is_not_provisioned() => EXIT_NOT_PROVISIONED,
+        Some(s) if s.is_connect_failure() => EXIT_UNAVAILABLE,
+        _ => EXIT_ERROR,
+    }
+}
+
+/// Like `{:#}`, but skips a cause whose text the previous message already ends with (`BrokerError` prints its
+/// source in its own message as well).
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+async fn run(command: Command, url: BrokerUrl) -> anyhow::Result<()> {
+    let conn = match service_setup::connect(&url).await {
+        Ok(conn) => conn,
+        Err(e) if e.is_transient() => {
+            return Err(anyhow::Error::new(e).context(
+                "broker unreachable: start RabbitMQ (e.g. `rabbitmq-server -detached`) or fix --broker-url / AMQP_URL",
+            ));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(
+                "the broker refused the connection: check the user, password and vhost in --broker-url / AMQP_URL",
+            ));
+        }
+    };
+    let outcome = dispatch(command, &conn).await;
+    if let Err(e) = conn.close(200, "OK".into()).await {
+        tracing::debug!(error = %e, "closing the connection failed");
+    }
+    outcome
+}
+
+async fn dispatch(command: Command, conn: &lapin::Connection) -> anyhow::Result<()> {
+    match command {
+        Command::Provision {
+            endpoint: EndpointArg { endpoint_id: ep },
+            heartbeat,
+            json,
+        } => {
+            let reg = service_setup::provision(conn, &ep, heartbeat)
+                .await
+                .with_context(|| format!("while provisioning endpoint {ep}"))?;
+            if json {
+                let text =
+                    serde_json::to_string(&reg).context("while encoding the registration")?;
+                print_line(&text)?;
+            } else {
+                print_line(&format!(
+                    "provisioned endpoint {ep}: tasks queue {}, heartbeat every {}s, registration written at {}",
+                    reg.tasks_queue,
+                    reg.heartbeat_secs,
+                    service_setup::rfc3339_utc(reg.provisioned_at_ms)
+                ))?;
+            }
+        }
+        Command::Deprovision {
+            endpoint: EndpointArg { endpoint_id: ep },
+            force,
+        } => {
+            let done = service_setup::deprovision(conn, &ep, force)
+                .await
+                .with_context(|| format!("while deprovisioning endpoint {ep}"))?;
+            if done.deleted_queues.is_empty() {
+                print_line(&format!("endpoint {ep} had no queues: nothing to delete"))?;
+            } else {
+                print_line(&format!(
+                    "deprovisioned endpoint {ep}: deleted {} ({} queued task(s) dropped)",
+                    done.deleted_queues.join(", "),
+                    done.dropped_tasks
+                ))?;
+            }
+        }
+        Command::Submit {
+            endpoint: EndpointArg { endpoint_id: ep },
+            function,
+            payload,
+            payload_file,
+            count,
+            task_id,
+            timeout_ms,
+        } => {
+            let payload = read_payload(payload, payload_file)?;
+            let submitter = Submitter::new(conn)
+                .await
+                .context("while preparing to submit tasks")?;
+            let mut left = count;
+            let mut task_id = task_id;
+            while left > 0 {
+                let n = left.min(SUBMIT_CHUNK);
+                let tasks = (0..n)
+                    .map(|_| TaskSpec {
+                        task_id: task_id.take(),
+                        function: function.clone(),
+                        payload: payload.clone(),
+                        timeout_ms,
+                    })
+                    .collect();
+                let ids = submitter
+                    .submit(&ep, tasks)
+                    .await
+                    .with_context(|| format!("while submitting tasks to endpoint {ep}"))?;
+                print_line(&ids.join("\n"))?;
+                left -= n;
+            }
+            submitter.close().await;
+        }
+        Command::Results {
+            endpoint_id,
+            follow,
+            idle_ms,
+            max,
+        } => {
+            let query = ResultsQuery {
+                endpoint: endpoint_id,
+                follow,
+                idle: Duration::from_millis(idle_ms),
+                max,
+            };
+            let read =
+                service_setup::read_results(conn, &query, shutdown_signal(), print_result).await;
+            match read {
+                Ok(n) => tracing::info!(results = n, "done"),
+                // A closed pipe (`| head`) is the reader's way of saying it has enough.
+                Err(SetupError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => return Err(e).context("while reading results"),
+            }
+        }
+        Command::Status {
+            endpoint: EndpointArg { endpoint_id: ep },
+            json,
+        } => {
+            let status = service_setup::endpoint_status(conn, &ep)
+                .await
+                .with_context(|| format!("while reading the status of endpoint {ep}"))?;
+            if json {
+                print_line(&status.to_json().to_string())?;
+            } else {
+                let text = status.to_text();
+                print_line(text.trim_end())?;
+            }
+            if !status.provisioned {
+                return Err(SetupError::NotProvisioned(ep).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_payload(payload: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
+    if let Some(text) = payload {
+        return Ok(text.into_bytes());
+    }
+    if let Some(path) = file {
+        return std::fs::read(&path)
+            .with_context(|| format!("while reading the payload file {}", path.display()));
+    }
+    let mut stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        bail!(
+            "no payload: pass --payload TEXT or --payload-file FILE, or pipe the payload on stdin"
+        );
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .read_to_end(&mut bytes)
+        .context("while reading the payload from stdin")?;
+    Ok(bytes)
+}
+
+fn print_line(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("while writing to stdout")
+}
+
+fn print_result(record: &ResultRecord) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &record.to_json()).map_err(std::io::Error::other)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; use Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn render_skips_repeated_causes() {
+        let inner = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(inner).context("while connecting: connection refused");
+        assert_eq!(render(&e), "while connecting: connection refused");
+        let e = anyhow::anyhow!("b").context("a");
+        assert_eq!(render(&e), "a: b");
+    }
+}

@@ -1,0 +1,332 @@
+//! Reading results from the shared `results` queue: parsing a delivery into a [`ResultRecord`] (tolerant of how
+//! other AMQP clients encode integers), rendering it as one JSON object, and a reader that acks a result only after
+//! the caller's sink has taken it. It must never ack a result it did not hand to the sink: results of other
+//! endpoints (or beyond `max`) stay unacked and go back to the queue when the reader's channel closes.
+
+use crate::amqp::{amqp_err, close_channel, declare_results, open_channel};
+use crate::error::SetupError;
+use endpoint_agent::wire::{
+    EndpointId, HEADER_ATTEMPTS, HEADER_DURATION_MS, HEADER_ENDPOINT_ID, HEADER_EXIT_CODE,
+    HEADER_STATUS, RESULTS_QUEUE,
+};
+use futures_lite::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use std::future::Future;
+use std::time::Duration;
+
+/// One result as the service sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultRecord {
+    /// From `message_id`, falling back to `correlation_id`, else empty.
+    pub task_id: String,
+    /// From the `endpoint_id` header, falling back to the routing key `<EP>.results`.
+    pub endpoint_id: String,
+    /// `ok`, `failed`, `timeout` or `rejected` (kept as sent, so a newer agent's status is not lost).
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub attempts: Option<u32>,
+    pub duration_ms: Option<u64>,
+    /// The function's output for `ok`, else a human-readable error.
+    pub body: Vec<u8>,
+    /// The broker delivered it before (to a reader that did not ack): it may have been printed already.
+    pub redelivered: bool,
+}
+
+impl ResultRecord {
+    pub fn from_delivery(d: &Delivery) -> ResultRecord {
+        let props = &d.properties;
+        let headers = props.headers().as_ref();
+        let header = |name: &str| headers.and_then(|h| h.inner().get(name));
+        let task_id = props
+            .message_id()
+            .as_ref()
+            .or(props.correlation_id().as_ref())
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_default();
+        let endpoint_id = header(HEADER_ENDPOINT_ID)
+            .and_then(string_value)
+            .or_else(|| {
+                d.routing_key
+                    .as_str()
+                    .strip_suffix(".results")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        ResultRecord {
+            task_id,
+            endpoint_id,
+            status: header(HEADER_STATUS)
+                .and_then(string_value)
+                .unwrap_or_default(),
+            exit_code: header(HEADER_EXIT_CODE).and_then(int_value),
+            attempts: header(HEADER_ATTEMPTS)
+                .and_then(int_value)
+                .and_then(|n| u32::try_from(n).ok()),
+            duration_ms: header(HEADER_DURATION_MS)
+                .and_then(int_value)
+                .and_then(|n| u64::try_from(n).ok()),
+            body: d.data.clone(),
+            redelivered: d.redelivered,
+        }
+    }
+
+    /// `{"task_id", "endpoint_id", "status", "exit_code", "attempts", "duration_ms", "output"}`, with
+    /// `"output_base64"` instead of `"output"` when the body is not UTF-8. Absent numbers are `null`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value = json!({
+            "task_id": self.task_id,
+            "endpoint_id": self.endpoint_id,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "attempts": self.attempts,
+            "duration_ms": self.duration_ms,
+        });
+        let (key, output) = match std::str::from_utf8(&self.body) {
+            Ok(text) => ("output", text.to_owned()),
+            Err(_) => ("output_base64", crate::base64::encode(&self.body)),
+        };
+        if let Some(map) = value.as_object_mut() {
+            map.insert(key.to_owned(), serde_json::Value::String(output));
+        }
+        value
+    }
+}
+
+fn string_value(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::ByteArray(b) => Some(String::from_utf8_lossy(b.as_slice()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Any integer encoding a client may pick (and digits in a string, as some clients send numbers that way).
+fn int_value(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        AMQPValue::ShortString(_) | AMQPValue::LongString(_) => {
+            string_value(v).and_then(|s| s.trim().parse().ok())
+        }
+        _ => None,
+    }
+}
+
+/// What [`read_results`] reads and when it stops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResultsQuery {
+    /// Only results of this endpoint are handed out and acked; the others stay in the queue.
+    pub endpoint: Option<EndpointId>,
+    /// Keep reading until `shutdown` resolves, instead of stopping after `idle` without a delivery.
+    pub follow: bool,
+    /// Without `follow`, stop when nothing has arrived for this long.
+    pub idle: Duration,
+    /// Stop after handing out this many results.
+    pub max: Option<u64>,
+}
+
+/// Prefetch when every delivery is acked right away; with an endpoint filter there is no limit, because the
+/// unacked results of other endpoints would otherwise fill the window and stall the reader.
+const PREFETCH: u16 = 1000;
+
+/// Consumes the `results` queue with manual acks, hands each matching result to `sink`, and acks it once `sink`
+/// returned `Ok`. Returns how many results were handed out. Results that do not match, or that arrive after
+/// `max`, or whose `sink` call failed, are left unacked and return to the queue when the channel closes.
+pub async fn read_results<F>(
+    conn: &Connection,
+    query: &ResultsQuery,
+    shutdown: impl Future<Output = ()>,
+    mut sink: F,
+) -> Result<u64, SetupError>
+where
+    F: FnMut(&ResultRecord) -> std::io::Result<()>,
+{
+    if query.max == Some(0) {
+        return Ok(0);
+    }
+    let channel = open_channel(conn, "read results").await?;
+    // Idempotent, and lets a reader start before any endpoint was provisioned in this vhost.
+    declare_results(&channel).await?;
+    if query.endpoint.is_none() {
+        let prefetch = query.max.map_or(PREFETCH, |m| {
+            u16::try_from(m).unwrap_or(PREFETCH).min(PREFETCH)
+        });
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_err("while setting the prefetch of the results reader"))?;
+    }
+    let mut consumer = channel
+        .basic_consume(
+            RESULTS_QUEUE.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_err(format!("while consuming queue {RESULTS_QUEUE}")))?;
+
+    let mut count = 0u64;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let outcome = loop {
+        let next = async {
+            if query.follow {
+                Some(consumer.next().await)
+            } else {
+                tokio::time::timeout(query.idle, consumer.next()).await.ok()
+            }
+        };
+        let got = tokio::select! {
+            biased;
+            () = &mut shutdown => break Ok(()),
+            got = next => got,
+        };
+        let delivery = match got {
+            None => break Ok(()), // idle for query.idle
+            Some(None) => {
+                tracing::warn!(
+                    "the broker cancelled the results consumer (was queue {RESULTS_QUEUE} deleted?)"
+                );
+                break Ok(());
+            }
+            Some(Some(Err(e))) => break Err(amqp_err("while reading results")(e)),
+            Some(Some(Ok(delivery))) => delivery,
+        };
+        let record = ResultRecord::from_delivery(&delivery);
+        if let Some(ep) = &query.endpoint
+            && record.endpoint_id != ep.as_str()
+        {
+            // Not ours: dropping the delivery leaves it unacked; it returns to the queue with the channel.
+            continue;
+        }
+        if let Err(e) = sink(&record) {
+            break Err(SetupError::Output(e));
+        }
+        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            break Err(amqp_err(format!(
+                "while acking the result of task {}",
+                record.task_id
+            ))(e));
+        }
+        count += 1;
+        if query.max == Some(count) {
+            break Ok(());
+        }
+    };
+    // Closing the channel (after the acks above were sent) hands every unacked delivery back to the queue.
+    close_channel(&channel).await;
+    outcome.map(|()| count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::BasicProperties;
+    use lapin::types::{LongString, ShortString};
+
+    fn delivery(routing_key: &str, props: BasicProperties, body: &[u8]) -> Delivery {
+        let mut d = Delivery::mock(
+            1,
+            "results".into(),
+            routing_key.into(),
+            false,
+            body.to_vec(),
+        );
+        d.properties = props;
+        d
+    }
+
+    fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    #[test]
+    fn parses_a_contract_result() {
+        let props = BasicProperties::default()
+            .with_message_id("t1".into())
+            .with_correlation_id("t1".into())
+            .with_headers(headers(&[
+                ("endpoint_id", AMQPValue::LongString(LongString::from("ep"))),
+                ("status", AMQPValue::LongString(LongString::from("ok"))),
+                ("exit_code", AMQPValue::LongLongInt(0)),
+                ("attempts", AMQPValue::LongInt(1)),
+                ("duration_ms", AMQPValue::LongLongInt(12)),
+            ]));
+        let r = ResultRecord::from_delivery(&delivery("ep.results", props, b"hello"));
+        assert_eq!(
+            r,
+            ResultRecord {
+                task_id: "t1".into(),
+                endpoint_id: "ep".into(),
+                status: "ok".into(),
+                exit_code: Some(0),
+                attempts: Some(1),
+                duration_ms: Some(12),
+                body: b"hello".to_vec(),
+                redelivered: false,
+            }
+        );
+        assert_eq!(
+            r.to_json(),
+            json!({"task_id": "t1", "endpoint_id": "ep", "status": "ok", "exit_code": 0, "attempts": 1,
+                   "duration_ms": 12, "output": "hello"})
+        );
+    }
+
+    #[test]
+    fn integers_in_any_encoding() {
+        let check =
+            |v: AMQPValue, expected: Option<i64>| assert_eq!(int_value(&v), expected, "{v:?}");
+        check(AMQPValue::ShortShortInt(-1), Some(-1));
+        check(AMQPValue::ShortShortUInt(200), Some(200));
+        check(AMQPValue::ShortInt(-300), Some(-300));
+        check(AMQPValue::ShortUInt(60_000), Some(60_000));
+        check(AMQPValue::LongInt(-70_000), Some(-70_000));
+        check(AMQPValue::LongUInt(4_000_000_000), Some(4_000_000_000));
+        check(AMQPValue::LongLongInt(i64::MIN), Some(i64::MIN));
+        check(AMQPValue::Timestamp(5), Some(5));
+        check(AMQPValue::LongString(LongString::from(" 42 ")), Some(42));
+        check(AMQPValue::ShortString(ShortString::from("x")), None);
+        check(AMQPValue::Boolean(true), None);
+        check(AMQPValue::Double(1.0), None);
+    }
+
+    #[test]
+    fn fallbacks_and_binary_output() {
+        let props = BasicProperties::default()
+            .with_correlation_id("t2".into())
+            .with_headers(headers(&[
+                ("status", AMQPValue::ShortString("failed".into())),
+                ("attempts", AMQPValue::LongInt(-1)),
+            ]));
+        let r = ResultRecord::from_delivery(&delivery("ep2.results", props, &[0xff, 0x00]));
+        assert_eq!(r.task_id, "t2");
+        assert_eq!(r.endpoint_id, "ep2");
+        assert_eq!(r.status, "failed");
+        assert_eq!(r.exit_code, None);
+        assert_eq!(r.attempts, None, "a negative count is not a count");
+        let j = r.to_json();
+        assert_eq!(j["output_base64"], "/wA=");
+        assert!(j.get("output").is_none());
+        assert!(j["exit_code"].is_null());
+
+        let bare = ResultRecord::from_delivery(&delivery("odd", BasicProperties::default(), b""));
+        assert_eq!((bare.task_id.as_str(), bare.endpoint_id.as_str()), ("", ""));
+        assert_eq!(bare.to_json()["output"], "");
+    }
+}

@@ -1,0 +1,173 @@
+//! Provisioning and deprovisioning one endpoint: declaring its queues and bindings (plus the shared exchanges and
+//! results queue) and publishing its registration, or deleting its own queues. Both are idempotent. This module
+//! must never delete anything shared by all endpoints (the `tasks` and `results` exchanges, the `results` queue)
+//! and must not drop queued tasks unless the caller forces it.
+
+use crate::amqp::{
+    amqp_err, bind, close_channel, declare_queue, declare_results, declare_tasks_exchange,
+    latest_only_queue_args, open_channel, queue_info, tasks_queue_args,
+};
+use crate::error::{SetupError, soft_error};
+use endpoint_agent::wire::{EndpointId, Registration, TASKS_EXCHANGE, now_ms};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::protocol::AMQPSoftError;
+use lapin::{BasicProperties, Confirmation, Connection};
+
+/// Shortest and longest heartbeat interval a registration may carry, in seconds.
+pub const HEARTBEAT_SECS_RANGE: std::ops::RangeInclusive<u16> = 1..=3600;
+
+/// Declares everything endpoint `ep` needs and publishes a fresh [`Registration`] (confirmed by the broker).
+/// Safe to run again: the topology is re-declared as is and the new registration replaces the old one.
+pub async fn provision(
+    conn: &Connection,
+    ep: &EndpointId,
+    heartbeat_secs: u16,
+) -> Result<Registration, SetupError> {
+    if !HEARTBEAT_SECS_RANGE.contains(&heartbeat_secs) {
+        return Err(SetupError::InvalidArgument(format!(
+            "heartbeat interval {heartbeat_secs}s is out of range: pass 1 to 3600 seconds"
+        )));
+    }
+    let channel = open_channel(conn, "provision").await?;
+    declare_tasks_exchange(&channel).await?;
+    declare_results(&channel).await?;
+
+    let tasks = ep.tasks_queue();
+    declare_queue(&channel, &tasks, tasks_queue_args()).await?;
+    bind(&channel, &tasks, TASKS_EXCHANGE, &tasks).await?;
+    let registration_queue = ep.registration_queue();
+    declare_queue(&channel, &registration_queue, latest_only_queue_args()).await?;
+    declare_queue(&channel, &ep.heartbeat_queue(), latest_only_queue_args()).await?;
+
+    let registration = Registration::new(ep.clone(), heartbeat_secs, now_ms());
+    let body = serde_json::to_vec(&registration).expect("a Registration always serializes to JSON");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp_err("while enabling publisher confirms"))?;
+    let what = format!("the registration of endpoint {ep}");
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            registration_queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into()),
+        )
+        .await
+        .map_err(amqp_err(format!("while publishing {what}")))?
+        .await
+        .map_err(amqp_err(format!(
+            "while waiting for the broker to confirm {what}"
+        )))?;
+    match confirm {
+        Confirmation::Ack(None) => {}
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            return Err(SetupError::Unroutable {
+                what,
+                reason: format!(
+                    "{} (was queue {registration_queue} deleted meanwhile? provision again)",
+                    returned.reply_text
+                ),
+            });
+        }
+        Confirmation::Nack(None) | Confirmation::NotRequested => {
+            return Err(SetupError::Nacked { what });
+        }
+    }
+    close_channel(&channel).await;
+    tracing::info!(endpoint = %ep, heartbeat_secs, "provisioned");
+    Ok(registration)
+}
+
+/// What [`deprovision`] removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deprovisioned {
+    pub endpoint_id: EndpointId,
+    /// The queues that existed and were deleted, in the order they were deleted.
+    pub deleted_queues: Vec<String>,
+    /// Tasks that were still queued and are gone (only non-zero with `force`).
+    pub dropped_tasks: u32,
+}
+
+/// Deletes the queues of endpoint `ep`: the tasks queue first, and only if it is empty unless `force`, so a refusal
+/// leaves the endpoint fully provisioned. Queues that do not exist are skipped, so running it twice is fine.
+pub async fn deprovision(
+    conn: &Connection,
+    ep: &EndpointId,
+    force: bool,
+) -> Result<Deprovisioned, SetupError> {
+    let mut done = Deprovisioned {
+        endpoint_id: ep.clone(),
+        deleted_queues: Vec::new(),
+        dropped_tasks: 0,
+    };
+    let tasks = ep.tasks_queue();
+    if queue_info(conn, &tasks).await?.is_some() {
+        match delete_queue(conn, &tasks, !force).await {
+            Ok(n) => {
+                done.dropped_tasks = n;
+                done.deleted_queues.push(tasks);
+            }
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::PRECONDITIONFAILED) => {
+                let count = queue_info(conn, &tasks)
+                    .await?
+                    .map_or(0, |q| q.message_count());
+                return Err(SetupError::TasksQueued {
+                    endpoint: ep.clone(),
+                    queue: tasks,
+                    count,
+                });
+            }
+            // Deleted by someone else between the check and the delete.
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => {}
+            Err(e) => return Err(amqp_err(format!("while deleting queue {tasks}"))(e)),
+        }
+    }
+    for queue in [ep.registration_queue(), ep.heartbeat_queue()] {
+        if queue_info(conn, &queue).await?.is_none() {
+            continue;
+        }
+        match delete_queue(conn, &queue, false).await {
+            Ok(_) => done.deleted_queues.push(queue),
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => {}
+            Err(e) => return Err(amqp_err(format!("while deleting queue {queue}"))(e)),
+        }
+    }
+    tracing::info!(endpoint = %ep, deleted = ?done.deleted_queues, "deprovisioned");
+    Ok(done)
+}
+
+/// Deletes `queue` on a channel of its own (a refused delete closes it) and returns how many messages it held.
+async fn delete_queue(conn: &Connection, queue: &str, if_empty: bool) -> Result<u32, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let deleted = channel
+        .queue_delete(
+            queue.into(),
+            QueueDeleteOptions {
+                if_empty,
+                ..QueueDeleteOptions::default()
+            },
+        )
+        .await?;
+    close_channel(&channel).await;
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_range_matches_the_cli() {
+        assert!(!HEARTBEAT_SECS_RANGE.contains(&0));
+        assert!(HEARTBEAT_SECS_RANGE.contains(&1));
+        assert!(HEARTBEAT_SECS_RANGE.contains(&3600));
+        assert!(!HEARTBEAT_SECS_RANGE.contains(&3601));
+    }
+}
