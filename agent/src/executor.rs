@@ -109,6 +109,7 @@ async fn run_command(
         cmd.current_dir(dir);
     }
     die_with_parent(&mut cmd);
+    let started = Instant::now();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -134,13 +135,9 @@ async fn run_command(
         let _ = stdin.shutdown().await;
     });
     let cap = spec.max_output_bytes;
-    let read_out = async {
-        let mut out = Vec::new();
-        let mut limited = (&mut stdout).take(cap as u64 + 1);
-        let r = limited.read_to_end(&mut out).await;
-        (out, r)
-    };
-    let read_err = async {
+    // stderr is drained on its own task so a chatty command never blocks on it; stdout is read here, up to
+    // one byte past the cap so that an overflow is seen at once (the command may still be writing).
+    let stderr_tail = tokio::spawn(async move {
         let mut tail = Vec::new();
         let mut buf = [0u8; 8192];
         while let Ok(n) = stderr.read(&mut buf).await {
@@ -156,21 +153,27 @@ async fn run_command(
             tail.drain(..tail.len() - STDERR_TAIL_BYTES);
         }
         tail
+    });
+    let read_out = async {
+        let mut out = Vec::new();
+        let mut limited = (&mut stdout).take(cap as u64 + 1);
+        let r = limited.read_to_end(&mut out).await;
+        (out, r)
     };
-    let work = async {
-        let ((out, read), err) = tokio::join!(read_out, read_err);
-        (out, read, err)
+    let abort_all = |pgid| {
+        kill_group(pgid);
+        stderr_tail.abort();
+        feeder.abort();
     };
     let outcome = tokio::select! {
         _ = kill.cancelled() => Err(None),
         _ = tokio::time::sleep(timeout) => Err(Some(timeout)),
-        r = work => Ok(r),
+        r = read_out => Ok(r),
     };
-    feeder.abort();
-    let (out, read, err) = match outcome {
+    let (out, read) = match outcome {
         Ok(r) => r,
         Err(reason) => {
-            kill_group(pgid);
+            abort_all(pgid);
             let _ = child.wait().await;
             return match reason {
                 None => Outcome::Interrupted,
@@ -186,7 +189,7 @@ async fn run_command(
         }
     };
     if out.len() > cap {
-        kill_group(pgid);
+        abort_all(pgid);
         let _ = child.wait().await;
         return finished(
             Status::Failed,
@@ -196,12 +199,27 @@ async fn run_command(
             ),
         );
     }
-    // Output is complete (stdout closed); reap, and kill whatever is left of the group.
-    let status = tokio::select! {
-        s = child.wait() => s,
-        _ = tokio::time::sleep(timeout) => { kill_group(pgid); child.wait().await }
+    // stdout is closed; wait for the exit (and stderr) within what is left of the timeout.
+    let rest = async {
+        let status = child.wait().await;
+        // The task is over when its process exits: whatever it left running in its group goes too.
+        kill_group(pgid);
+        let tail = tokio::time::timeout(Duration::from_secs(1), stderr_tail).await;
+        (status, tail.ok().and_then(Result::ok).unwrap_or_default())
     };
-    kill_group(pgid);
+    let (status, err) = tokio::select! {
+        r = rest => r,
+        _ = kill.cancelled() => { kill_group(pgid); return Outcome::Interrupted }
+        _ = tokio::time::sleep(timeout.saturating_sub(started.elapsed())) => {
+            kill_group(pgid);
+            return finished(
+                Status::Timeout,
+                None,
+                format!("timed out after {} ms; its process group was killed", timeout.as_millis()),
+            );
+        }
+    };
+    feeder.abort();
     let stderr_tail = String::from_utf8_lossy(&err);
     match (status, read) {
         (Err(e), _) => finished(
@@ -332,6 +350,7 @@ pub async fn worker(
                 exit_code,
                 body,
             } => {
+                tracing::debug!(task_id = %task.task_id, %status, "finished");
                 finished_task = Some(TaskResult {
                     task_id: task.task_id,
                     status,

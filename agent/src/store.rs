@@ -324,6 +324,17 @@ pub fn read_status(dir: &Path) -> Result<(Counts, Vec<(String, String)>), StoreE
     let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| StoreError::Open(path.clone(), e))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let has_schema: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| StoreError::Open(path.clone(), e))?;
+    if !has_schema {
+        // An agent is creating the database right now.
+        return Ok((Counts::default(), Vec::new()));
+    }
     let counts = read_counts(&conn).map_err(|e| StoreError::Open(path.clone(), e))?;
     let mut stmt = conn.prepare("SELECT key, value FROM meta ORDER BY key")?;
     let meta = stmt
@@ -422,12 +433,12 @@ fn execute(tx: &rusqlite::Transaction, cmd: Command, d: &mut Counts) -> (Deferre
         Command::Ingest(items, reply) => done(reply, ingest(tx, items, d)),
         Command::FinishAndClaim(result, want, reply) => {
             let r = (|| {
-                if let Some(result) = &result {
-                    if finish(tx, result)? {
-                        d.running = d.running.wrapping_add(dec(1));
-                        d.done = d.done.wrapping_add(1);
-                        d.results_pending = d.results_pending.wrapping_add(1);
-                    }
+                if let Some(result) = &result
+                    && finish(tx, result)?
+                {
+                    d.running = d.running.wrapping_add(dec(1));
+                    d.done = d.done.wrapping_add(1);
+                    d.results_pending = d.results_pending.wrapping_add(1);
                 }
                 if want { claim(tx, d) } else { Ok(None) }
             })();
