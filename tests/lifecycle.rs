@@ -1,0 +1,128 @@
+//! Starting and stopping: graceful shutdown finishes and publishes running tasks, one agent per data dir,
+//! a clear refusal for an unprovisioned endpoint, and `endpoint-agent status`.
+
+use std::time::Duration;
+use tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_running_tasks() {
+    let ep = unique_endpoint("graceful");
+    let dir = TempDir::new("graceful");
+    let mut service = Service::provision(&ep, 1).await;
+    let data = dir.0.join("data");
+    let mut opts = AgentOptions::new(&ep, &data);
+    opts.workers = 3;
+    let agent = Agent::start(&opts);
+    let ids = service
+        .submit((0..3).map(|_| task("sleep", b"1500")).collect())
+        .await;
+    // Wait until all three run, then stop: they must finish and be published before the agent exits.
+    for _ in 0..100 {
+        if local_status(&data)["tasks_running"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(local_status(&data)["tasks_running"], 3);
+    assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
+    service
+        .await_results(&ids, Duration::from_secs(10), &[])
+        .await;
+    for id in &ids {
+        assert_eq!(service.result(id).status, "ok");
+    }
+    let local = local_status(&data);
+    assert_eq!(
+        (local["online"].as_bool(), local["results_pending"].as_u64()),
+        (Some(false), Some(0))
+    );
+    assert_eq!(local["agent"], "offline");
+    // The service sees a clean stop.
+    let status = service_setup::endpoint_status(&service.conn, &ep)
+        .await
+        .expect("status");
+    assert!(
+        matches!(
+            status.liveness(),
+            service_setup::Liveness::NotRunningSince {
+                clean_stop: true,
+                ..
+            }
+        ),
+        "{}",
+        status.to_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_period_over_requeues_and_resumes() {
+    let ep = unique_endpoint("grace");
+    let dir = TempDir::new("grace");
+    let mut service = Service::provision(&ep, 1).await;
+    let data = dir.0.join("data");
+    let mut opts = AgentOptions::new(&ep, &data);
+    opts.workers = 1;
+    opts.config = "grace_period_secs = 1\nreconnect_min_ms = 100\n".into();
+    let agent = Agent::start(&opts);
+    let ids = service.submit(vec![task("sleep", b"4000")]).await;
+    for _ in 0..100 {
+        if local_status(&data)["tasks_running"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
+    let local = local_status(&data);
+    assert_eq!(
+        (local["tasks_queued"].as_u64(), local["tasks_done"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let agent = Agent::start(&opts);
+    service
+        .await_results(&ids, Duration::from_secs(30), &[&agent])
+        .await;
+    let r = service.result(&ids[0]);
+    assert_eq!(
+        (r.status.as_str(), r.attempts),
+        ("ok", Some(1)),
+        "an interrupted run is not an attempt"
+    );
+    agent.terminate(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_per_data_dir_and_unprovisioned_endpoints_are_refused() {
+    let ep = unique_endpoint("lock");
+    let dir = TempDir::new("lock");
+    let _service = Service::provision(&ep, 1).await;
+    let opts = AgentOptions::new(&ep, &dir.0.join("data"));
+    let first = Agent::start(&opts);
+    for _ in 0..100 {
+        if dir.0.join("data/agent.lock").exists() && first.log_text().contains("starting") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut second = Agent::start(&opts);
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(20)),
+        Some(4),
+        "{}",
+        second.log_text()
+    );
+    assert!(second.log_text().contains("is using data directory"));
+
+    let stranger = unique_endpoint("never");
+    let mut lost = Agent::start(&AgentOptions::new(&stranger, &dir.0.join("never")));
+    assert_eq!(
+        lost.wait_exit(Duration::from_secs(20)),
+        Some(3),
+        "{}",
+        lost.log_text()
+    );
+    assert!(
+        lost.log_text()
+            .contains(&format!("service-setup provision --endpoint-id {stranger}"))
+    );
+    first.terminate(Duration::from_secs(30));
+}

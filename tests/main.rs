@@ -1,0 +1,7 @@
+//! End-to-end scenarios: the real `endpoint-agent` binary against the real RabbitMQ, one file per scenario.
+//! Every scenario counts task ids and results; none asserts on timing or log text.
+
+mod bad_input;
+mod faults;
+mod lifecycle;
+mod roundtrip;
