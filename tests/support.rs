@@ -48,7 +48,7 @@ pub fn broker_addr() -> String {
 }
 
 fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+    let out = rabbitmqctl_command()
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e}; the tests need RabbitMQ's rabbitmqctl on PATH"));
@@ -445,4 +445,14 @@ pub fn local_status(data_dir: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status prints JSON")
+}
+
+/// `rabbitmqctl`, or the command in RABBITMQCTL (e.g. `docker compose exec -T rabbitmq rabbitmqctl` when the
+/// broker runs in the repository's docker-compose.yml).
+fn rabbitmqctl_command() -> Command {
+    let line = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = line.split_whitespace();
+    let mut cmd = Command::new(words.next().unwrap_or("rabbitmqctl"));
+    cmd.args(words);
+    cmd
 }

@@ -162,15 +162,21 @@ fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
+/// How long opening a connection may take: a blackholed path would otherwise hang the reconnect loop.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Opens a connection named `name` (shown in the management UI and `rabbitmqctl list_connections`).
 pub async fn connect(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose(), props)
-        .await
-        .map_err(|source| BrokerError::Connect {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url.expose(), props)).await {
+        Ok(conn) => conn.map_err(|source| BrokerError::Connect {
             context: format!("while connecting to {url}"),
             source,
-        })
+        }),
+        Err(_) => Err(BrokerError::Lost(format!(
+            "no answer from {url} within {CONNECT_TIMEOUT:?}"
+        ))),
+    }
 }
 
 /// Why the agent cannot read its registration.

@@ -76,7 +76,7 @@ fn split_url(url: &str) -> (String, String) {
 }
 
 fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
+    let out = rabbitmqctl_command()
         .arg("-s")
         .args(args)
         .output()
@@ -880,4 +880,14 @@ fn help_documents_every_command() {
     ] {
         assert!(help.contains(word), "--help lacks {word}:\n{help}");
     }
+}
+
+/// `rabbitmqctl`, or the command in RABBITMQCTL (e.g. `docker compose exec -T rabbitmq rabbitmqctl` when the
+/// broker runs in the repository's docker-compose.yml).
+fn rabbitmqctl_command() -> Command {
+    let line = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = line.split_whitespace();
+    let mut cmd = Command::new(words.next().unwrap_or("rabbitmqctl"));
+    cmd.args(words);
+    cmd
 }
