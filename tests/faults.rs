@@ -156,3 +156,45 @@ async fn poison_task_fails_after_max_attempts() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_link_is_noticed_by_heartbeats() {
+    let ep = unique_endpoint("hole");
+    let dir = TempDir::new("hole");
+    // A 1 s heartbeat: lapin notices a silent link after about two missed beats.
+    let mut service = Service::provision(&ep, 1).await;
+    let proxy = Proxy::start(broker_addr()).await;
+    let mut opts = AgentOptions::new(&ep, &dir.0.join("data"));
+    opts.broker_url = url_via(&proxy.addr);
+    let agent = Agent::start(&opts);
+    let first = service
+        .submit((0..20).map(|i| echo(&format!("before{i}"))).collect())
+        .await;
+    service
+        .await_results(&first, Duration::from_secs(30), &[&agent])
+        .await;
+    proxy.set_mode(tests::proxy::Mode::Blackhole);
+    let during = service
+        .submit((0..20).map(|i| echo(&format!("during{i}"))).collect())
+        .await;
+    for _ in 0..100 {
+        if agent.log_text().contains("reconnecting") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        agent.log_text().contains("reconnecting"),
+        "the silent link was not noticed:\n{}",
+        agent.log_text()
+    );
+    proxy.cut();
+    proxy.set_mode(tests::proxy::Mode::Pass);
+    service
+        .await_results(&during, Duration::from_secs(60), &[&agent])
+        .await;
+    for id in first.iter().chain(&during) {
+        assert_eq!(service.result(id).status, "ok");
+    }
+    agent.terminate(Duration::from_secs(30));
+}

@@ -126,3 +126,80 @@ async fn one_agent_per_data_dir_and_unprovisioned_endpoints_are_refused() {
     );
     first.terminate(Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once_and_work_resumes() {
+    let ep = unique_endpoint("twosig");
+    let dir = TempDir::new("twosig");
+    let mut service = Service::provision(&ep, 1).await;
+    let data = dir.0.join("data");
+    let mut opts = AgentOptions::new(&ep, &data);
+    opts.workers = 1;
+    let mut agent = Agent::start(&opts);
+    let ids = service.submit(vec![task("sleep", b"3000")]).await;
+    for _ in 0..100 {
+        if local_status(&data)["tasks_running"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.signal(libc::SIGTERM);
+    // Well before the 3 s task or the 10 s grace period could end.
+    assert_eq!(agent.wait_exit(Duration::from_secs(2)), Some(130));
+    let agent = Agent::start(&opts);
+    service
+        .await_results(&ids, Duration::from_secs(30), &[&agent])
+        .await;
+    assert_eq!(service.result(&ids[0]).status, "ok");
+    agent.terminate(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_backlog_leaves_tasks_in_the_broker() {
+    let ep = unique_endpoint("backlog");
+    let dir = TempDir::new("backlog");
+    let mut service = Service::provision(&ep, 1).await;
+    let data = dir.0.join("data");
+    let mut opts = AgentOptions::new(&ep, &data);
+    opts.workers = 1;
+    opts.config.push_str("max_backlog = 5\nprefetch = 5\n");
+    let ids = service
+        .submit((0..60).map(|_| task("sleep", b"30")).collect())
+        .await;
+    let agent = Agent::start(&opts);
+    let started = std::time::Instant::now();
+    let (mut max_local, mut saw_broker_backlog, mut saw_paused) = (0, false, false);
+    while service.received.len() < ids.len() {
+        let local = local_status(&data);
+        max_local = max_local.max(local["tasks_queued"].as_u64().unwrap_or(0));
+        let status = service_setup::endpoint_status(&service.conn, &ep)
+            .await
+            .expect("status");
+        saw_broker_backlog |= status.queue_depth.unwrap_or(0) > 20;
+        saw_paused |= status
+            .last_heartbeat
+            .as_ref()
+            .is_some_and(|h| h.state == endpoint_agent::wire::AgentState::Paused);
+        service.poll(Duration::from_millis(100)).await;
+        assert!(service.received.len() <= ids.len());
+        if agent.log_text().contains("panicked") {
+            panic!("{}", agent.log_text());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    service
+        .await_results(&ids, Duration::from_secs(60), &[&agent])
+        .await;
+    // A batch is at most `prefetch` deliveries, taken only while the backlog is below its maximum.
+    assert!(max_local <= 5 + 5, "local backlog reached {max_local}");
+    assert!(
+        saw_broker_backlog,
+        "tasks stayed in the broker while the local backlog was full"
+    );
+    assert!(saw_paused, "heartbeats reported the paused state");
+    agent.terminate(Duration::from_secs(30));
+}

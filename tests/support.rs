@@ -434,6 +434,13 @@ pub fn task(function: &str, payload: &[u8]) -> TaskSpec {
 
 /// Runs `endpoint-agent status --data-dir DIR --json` and parses it.
 pub fn local_status(data_dir: &Path) -> serde_json::Value {
+    // A freshly started agent may not have created its database yet.
+    for _ in 0..200 {
+        if data_dir.join(endpoint_agent::store::DB_FILE).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = Command::new(agent_binary())
         .args(["status", "--json", "--data-dir"])
         .arg(data_dir)
