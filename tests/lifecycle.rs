@@ -203,3 +203,42 @@ async fn full_backlog_leaves_tasks_in_the_broker() {
     assert!(saw_paused, "heartbeats reported the paused state");
     agent.terminate(Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_stay_out_of_logs() {
+    let ep = unique_endpoint("secret");
+    let dir = TempDir::new("secret");
+    let mut service = Service::provision(&ep, 1).await;
+    let (user, password) = secret_user();
+    let url = url().replacen("guest:guest", &format!("{user}:{password}"), 1);
+    let mut opts = AgentOptions::new(&ep, &dir.0.join("data"));
+    opts.broker_url = url.clone();
+    let agent = Agent::start(&opts);
+    let ids = service.submit(vec![echo("x")]).await;
+    service
+        .await_results(&ids, Duration::from_secs(30), &[&agent])
+        .await;
+    let log = agent.log_text();
+    assert!(
+        log.contains(&format!("{user}:***@")),
+        "the log names the broker, without the password"
+    );
+    assert!(!log.contains(password.as_str()));
+    agent.terminate(Duration::from_secs(30));
+
+    // A wrong password is an error that needs an operator: a clear exit, and still no password in the log.
+    let mut opts = AgentOptions::new(&ep, &dir.0.join("other"));
+    opts.broker_url = url.replacen(password.as_str(), "wrong-password-123", 1);
+    let mut refused = Agent::start(&opts);
+    assert_eq!(
+        refused.wait_exit(Duration::from_secs(30)),
+        Some(1),
+        "{}",
+        refused.log_text()
+    );
+    let log = refused.log_text();
+    assert!(
+        !log.contains("wrong-password-123") && !log.contains(password.as_str()),
+        "{log}"
+    );
+}

@@ -92,6 +92,32 @@ fn vhost() -> &'static str {
     })
 }
 
+/// A broker user of this run with a generated password, for checking that passwords stay out of logs.
+/// Returns (user, password); users of earlier runs whose process has exited are deleted first.
+pub fn secret_user() -> &'static (String, String) {
+    static USER: OnceLock<(String, String)> = OnceLock::new();
+    USER.get_or_init(|| {
+        let vhost = vhost();
+        for line in rabbitmqctl(&["list_users", "--quiet", "--no-table-headers"]).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if let Some(pid) = name.strip_prefix("ea-test-")
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                rabbitmqctl(&["delete_user", name]);
+            }
+        }
+        let user = format!("ea-test-{}", std::process::id());
+        let password = format!(
+            "pw{:x}{:x}",
+            wire::now_ms(),
+            std::process::id() as u64 * 7919
+        );
+        rabbitmqctl(&["add_user", &user, &password]);
+        rabbitmqctl(&["set_permissions", "-p", vhost, &user, ".*", ".*", ".*"]);
+        (user, password)
+    })
+}
+
 /// AMQP URL of this run's vhost, optionally through another host:port (a proxy).
 pub fn url_via(hostport: &str) -> String {
     let (_, userinfo) = broker_host();
