@@ -89,20 +89,20 @@ fn redact(url: &str) -> String {
 pub enum BrokerError {
     #[error("invalid broker url {0}: {1}")]
     BadUrl(String, String),
-    #[error("{context}: {source}")]
+    // The lapin error is shown in the message and deliberately not chained as a `source`: its own Display
+    // already repeats its causes, and `{:#}` would print them again.
+    #[error("{context}: {cause}{}", connect_hint(cause))]
     Connect {
         context: String,
-        #[source]
-        source: lapin::Error,
+        cause: lapin::Error,
     },
     /// The connection or a consumer ended without an error from the client library.
     #[error("{0}")]
     Lost(String),
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Amqp {
         context: String,
-        #[source]
-        source: lapin::Error,
+        cause: lapin::Error,
     },
 }
 
@@ -110,14 +110,14 @@ impl BrokerError {
     pub fn amqp(context: impl Into<String>, source: lapin::Error) -> Self {
         BrokerError::Amqp {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 
     fn soft_error(&self) -> Option<AMQPSoftError> {
         match self {
-            BrokerError::Amqp { source, .. } | BrokerError::Connect { source, .. } => {
-                soft_error(source)
+            BrokerError::Amqp { cause, .. } | BrokerError::Connect { cause, .. } => {
+                soft_error(cause)
             }
             BrokerError::BadUrl(..) | BrokerError::Lost(_) => None,
         }
@@ -143,11 +143,23 @@ impl BrokerError {
     pub fn is_transient(&self) -> bool {
         match self {
             BrokerError::BadUrl(..) => false,
-            BrokerError::Connect { source, .. } => !matches!(
-                source.kind(),
+            BrokerError::Connect { cause, .. } => !matches!(
+                cause.kind(),
                 lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_)
             ),
             BrokerError::Amqp { .. } | BrokerError::Lost(_) => true,
+        }
+    }
+}
+
+/// What an operator should check after a failed connect.
+fn connect_hint(e: &lapin::Error) -> &'static str {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_) => {
+            " (check the user, password and vhost permissions in --broker-url or AMQP_URL)"
+        }
+        _ => {
+            " (is RabbitMQ running and reachable? `rabbitmq-server -detached` or `docker compose up -d` starts one)"
         }
     }
 }
@@ -169,9 +181,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub async fn connect(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url.expose(), props)).await {
-        Ok(conn) => conn.map_err(|source| BrokerError::Connect {
+        Ok(conn) => conn.map_err(|cause| BrokerError::Connect {
             context: format!("while connecting to {url}"),
-            source,
+            cause,
         }),
         Err(_) => Err(BrokerError::Lost(format!(
             "no answer from {url} within {CONNECT_TIMEOUT:?}"

@@ -372,11 +372,10 @@ mod tests {
     use crate::wire::EndpointId;
 
     fn config(functions: &str) -> Config {
-        let path = std::env::temp_dir().join(format!(
-            "ea-exec-{}-{}.toml",
-            std::process::id(),
-            crate::wire::now_ms()
-        ));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // One file per call: tests run in parallel and must not read each other's half-written file.
+        let path = std::env::temp_dir().join(format!("ea-exec-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, functions).unwrap();
         let o = Overrides {
             endpoint_id: EndpointId::new("ep").unwrap(),

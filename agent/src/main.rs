@@ -31,7 +31,8 @@ enum Command {
 
 Signals: SIGINT/SIGTERM stop taking tasks, let running ones finish within grace_period_secs and publish
 what is pending; a second signal exits at once (nothing is lost: unfinished work resumes at the next start).
-Logs go to stderr; RUST_LOG (e.g. RUST_LOG=endpoint_agent=debug) sets the level.")]
+Logs go to stderr; RUST_LOG sets the level (default `info,lapin=off`: every broker error the agent sees is
+logged by the agent itself; RUST_LOG=info,endpoint_agent=debug adds a line per task).")]
     Start {
         #[command(flatten)]
         endpoint: EndpointArgs,
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off")),
         )
         .with_writer(std::io::stderr)
         .init();

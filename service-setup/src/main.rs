@@ -276,19 +276,8 @@ fn render(e: &anyhow::Error) -> String {
 }
 
 async fn run(command: Command, url: BrokerUrl) -> anyhow::Result<()> {
-    let conn = match service_setup::connect(&url).await {
-        Ok(conn) => conn,
-        Err(e) if e.is_transient() => {
-            return Err(anyhow::Error::new(e).context(
-                "broker unreachable: start RabbitMQ (e.g. `rabbitmq-server -detached`) or fix --broker-url / AMQP_URL",
-            ));
-        }
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(
-                "the broker refused the connection: check the user, password and vhost in --broker-url / AMQP_URL",
-            ));
-        }
-    };
+    // The connect error already says what to check (credentials, or whether the broker runs).
+    let conn = service_setup::connect(&url).await?;
     let outcome = dispatch(command, &conn).await;
     if let Err(e) = conn.close(200, "OK".into()).await {
         tracing::debug!(error = %e, "closing the connection failed");
