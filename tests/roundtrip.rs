@@ -53,6 +53,11 @@ async fn thousand_echo_tasks_round_trip() {
         status.to_text()
     );
     assert_eq!(status.consumers, Some(1));
+    // The agent follows the interval the service registered (2 s here).
+    assert_eq!(
+        status.last_heartbeat.as_ref().map(|h| h.heartbeat_secs),
+        Some(2)
+    );
     let local = local_status(&dir.0.join("data"));
     assert_eq!(local["online"], true);
     assert_eq!(local["tasks_done"], 1000);

@@ -500,7 +500,7 @@ impl Link {
 
 /// Now as RFC 3339 UTC, for the link state `endpoint-agent status` shows.
 pub(crate) fn wire_time() -> String {
-    crate::status::rfc3339(crate::wire::now_ms())
+    crate::wire::rfc3339_utc(crate::wire::now_ms())
 }
 
 #[cfg(test)]
