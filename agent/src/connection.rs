@@ -347,6 +347,8 @@ pub(crate) struct Link {
     pub store: Store,
     pub signals: Arc<Signals>,
     pub state: watch::Sender<AgentState>,
+    /// Sessions opened so far; every one after the first is a reconnect.
+    pub sessions: AtomicU64,
 }
 
 /// How a session with the broker ended.
@@ -430,9 +432,7 @@ impl Link {
     }
 
     async fn note(&self, link: String) {
-        if let Err(e) = self.store.set_meta("link", link).await {
-            tracing::debug!(error = %e, "cannot record the link state");
-        }
+        record_link(&self.store, "link", link).await;
     }
 
     async fn session(
@@ -456,6 +456,10 @@ impl Link {
         };
         tracing::info!(broker = %self.config.broker_url, "connected");
         self.note(format!("connected since {}", wire_time())).await;
+        let sessions = self
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        record_link(&self.store, "reconnects", sessions.to_string()).await;
         let interval = Duration::from_secs(u64::from(reg.heartbeat_secs));
         let intake = async {
             match subscriber.run(&sub_conn, stop_intake).await {
@@ -466,7 +470,11 @@ impl Link {
         let watchdog = async {
             let mut events = sub_conn.events_listener().or(pub_conn.events_listener());
             while let Some(event) = events.next().await {
-                if let lapin::Event::Error(e) = event {
+                // A channel-level (soft) error, such as the exclusive consume being refused, also arrives
+                // here; it is handled where it happened and leaves the connection alive.
+                if let lapin::Event::Error(e) = event
+                    && !e.is_amqp_soft_error()
+                {
                     return BrokerError::amqp("the broker connection failed", e);
                 }
             }
@@ -495,6 +503,13 @@ impl Link {
             .await;
         }
         end
+    }
+}
+
+/// Records a fact about the broker link for `endpoint-agent status` (best effort: it is only for display).
+pub(crate) async fn record_link(store: &Store, key: &str, value: String) {
+    if let Err(e) = store.set_meta(key, value).await {
+        tracing::debug!(error = %e, key, "cannot record the link state");
     }
 }
 

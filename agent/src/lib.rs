@@ -137,6 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store: store.clone(),
         signals: signals.clone(),
         state: state.clone(),
+        sessions: std::sync::atomic::AtomicU64::new(0),
     };
     let mut link = tokio::spawn(link.run(stop_intake.clone(), drain.clone()));
 

@@ -19,6 +19,8 @@ pub struct LocalStatus {
     pub results_pending: u64,
     /// The broker link as last recorded: `connected since T`, `disconnected since T: why`, `stopped at T`.
     pub link: Option<String>,
+    /// How often the agent has reconnected to the broker since it started.
+    pub reconnects: u64,
 }
 
 /// Reads the status of the data directory `dir`.
@@ -36,7 +38,9 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
         ),
     };
     let (counts, meta): (Counts, _) = store::read_status(dir)?;
-    let link = meta.into_iter().find(|(k, _)| k == "link").map(|(_, v)| v);
+    let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let link = get("link");
+    let reconnects = get("reconnects").and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok(LocalStatus {
         data_dir: dir.display().to_string(),
         online: agent.is_some(),
@@ -46,6 +50,7 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
         tasks_done: counts.done,
         results_pending: counts.results_pending,
         link,
+        reconnects,
     })
 }
 
@@ -62,6 +67,7 @@ impl LocalStatus {
         );
         if let Some(link) = &self.link {
             s.push_str(&format!("broker link:     {link}\n"));
+            s.push_str(&format!("reconnects:      {}\n", self.reconnects));
         }
         s
     }

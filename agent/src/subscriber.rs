@@ -63,6 +63,15 @@ impl Subscriber {
                 Ok(consumer) => {
                     if standing_by {
                         tracing::info!(queue = %queue, "the other agent went away: taking over the tasks queue");
+                        crate::connection::record_link(
+                            &self.store,
+                            "link",
+                            format!(
+                                "connected since {} (took over from another agent)",
+                                crate::connection::wire_time()
+                            ),
+                        )
+                        .await;
                     } else {
                         tracing::info!(queue = %queue, prefetch = self.config.prefetch, "consuming tasks");
                     }
@@ -76,6 +85,15 @@ impl Subscriber {
                             "another agent is consuming this endpoint's tasks: standing by (running what is on disk, publishing its results) and retrying until it goes away"
                         );
                         standing_by = true;
+                        crate::connection::record_link(
+                            &self.store,
+                            "link",
+                            format!(
+                                "standby since {}: another agent consumes {queue}",
+                                crate::connection::wire_time()
+                            ),
+                        )
+                        .await;
                     }
                     self.state.send_replace(AgentState::Standby);
                     tokio::select! {
