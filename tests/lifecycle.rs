@@ -17,12 +17,7 @@ async fn graceful_shutdown_finishes_running_tasks() {
         .submit((0..3).map(|_| task("sleep", b"1500")).collect())
         .await;
     // Wait until all three run, then stop: they must finish and be published before the agent exits.
-    for _ in 0..100 {
-        if local_status(&data)["tasks_running"] == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&data, 3).await;
     assert_eq!(local_status(&data)["tasks_running"], 3);
     assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
     service
@@ -65,12 +60,7 @@ async fn grace_period_over_requeues_and_resumes() {
     opts.config = "grace_period_secs = 1\nreconnect_min_ms = 100\n".into();
     let agent = Agent::start(&opts);
     let ids = service.submit(vec![task("sleep", b"4000")]).await;
-    for _ in 0..100 {
-        if local_status(&data)["tasks_running"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&data, 1).await;
     assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
     let local = local_status(&data);
     assert_eq!(
@@ -137,12 +127,7 @@ async fn second_signal_exits_at_once_and_work_resumes() {
     opts.workers = 1;
     let mut agent = Agent::start(&opts);
     let ids = service.submit(vec![task("sleep", b"3000")]).await;
-    for _ in 0..100 {
-        if local_status(&data)["tasks_running"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&data, 1).await;
     agent.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     agent.signal(libc::SIGTERM);

@@ -458,6 +458,16 @@ pub fn task(function: &str, payload: &[u8]) -> TaskSpec {
     }
 }
 
+/// Waits (up to 5 s) until the agent on `data_dir` reports `n` tasks running.
+pub async fn wait_running(data_dir: &Path, n: u64) {
+    for _ in 0..100 {
+        if local_status(data_dir)["tasks_running"] == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs `endpoint-agent status --data-dir DIR --json` and parses it.
 pub fn local_status(data_dir: &Path) -> serde_json::Value {
     // A freshly started agent may not have created its database yet.
