@@ -127,9 +127,8 @@ async fn poison_task_fails_after_max_attempts() {
     let dir = TempDir::new("poison");
     let mut service = Service::provision(&ep, 1).await;
     let mut opts = AgentOptions::new(&ep, &dir.0.join("data"));
-    // One worker: a crash is charged to every task running at the time, so the innocent task must not run
-    // beside the poison one for the attempt counts to be exact (see docs/operations.md, "Poison tasks").
-    opts.workers = 1;
+    // Four workers, so the innocent task runs beside the poison one and shares its first crash: quarantine
+    // (suspects run alone after a crash) must keep it from being charged for the second.
     // Kills the agent that runs it: its parent.
     opts.config.push_str("max_attempts = 2\n[functions.poison]\ncommand = [\"sh\", \"-c\", \"kill -9 $PPID; sleep 5\"]\n");
     let ids = service

@@ -238,9 +238,11 @@ fn open_db(path: &Path) -> rusqlite::Result<Connection> {
             state INTEGER NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
             received_at_ms INTEGER NOT NULL,
-            done_at_ms INTEGER
+            done_at_ms INTEGER,
+            suspect INTEGER NOT NULL DEFAULT 0
         );
         CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks(state, seq);
+        CREATE INDEX IF NOT EXISTS tasks_suspect ON tasks(seq) WHERE suspect = 1;
         CREATE TABLE IF NOT EXISTS results (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             task_id TEXT NOT NULL UNIQUE,
@@ -285,8 +287,9 @@ fn recover(conn: &mut Connection, max_attempts: u32) -> Result<Recovery, StoreEr
             finish(&tx, &result)?;
             recovery.given_up += 1;
         } else {
+            // Suspect: it may be what killed the agent, so it runs alone (see `claim`).
             tx.execute(
-                "UPDATE tasks SET state = ?1 WHERE task_id = ?2",
+                "UPDATE tasks SET state = ?1, suspect = 1 WHERE task_id = ?2",
                 params![QUEUED, task_id],
             )?;
             recovery.requeued += 1;
@@ -563,7 +566,7 @@ fn ingest(
 fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError> {
     let now = crate::wire::now_ms() as i64;
     let changed = tx.execute(
-        "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2 WHERE task_id = ?3 AND state = ?4",
+        "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2, suspect = 0 WHERE task_id = ?3 AND state = ?4",
         params![DONE, now, r.task_id, RUNNING],
     )?;
     if changed == 0 {
@@ -585,25 +588,54 @@ fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError
     Ok(true)
 }
 
+/// Claims the next task. Quarantine: tasks that were running when the agent died are suspects and run alone,
+/// one at a time and with nothing beside them, so that a poison task crashes the agent by itself and the tasks
+/// that happened to share its crash are not charged for it again.
 fn claim(tx: &rusqlite::Transaction, d: &mut Counts) -> Result<Option<ClaimedTask>, StoreError> {
-    let row = tx
+    let suspect: Option<(i64, i64)> = tx
         .prepare_cached(
-            "SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks
-             WHERE state = ?1 ORDER BY seq LIMIT 1",
+            "SELECT seq, state FROM tasks WHERE suspect = 1 AND state IN (?1, ?2) ORDER BY state DESC, seq LIMIT 1",
         )?
-        .query_row([QUEUED], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                ClaimedTask {
-                    task_id: r.get(1)?,
-                    function: r.get(2)?,
-                    payload: r.get(3)?,
-                    timeout_ms: r.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
-                    attempts: r.get::<_, u32>(5)? + 1,
-                },
-            ))
-        })
+        .query_row([QUEUED, RUNNING], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
+    let seq = match suspect {
+        Some((_, RUNNING)) => return Ok(None),
+        Some((seq, _)) => {
+            let busy: bool = tx
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM tasks WHERE state = ?1)")?
+                .query_row([RUNNING], |r| r.get(0))?;
+            if busy {
+                return Ok(None);
+            }
+            Some(seq)
+        }
+        None => None,
+    };
+    let read = |r: &rusqlite::Row| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            ClaimedTask {
+                task_id: r.get(1)?,
+                function: r.get(2)?,
+                payload: r.get(3)?,
+                timeout_ms: r.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
+                attempts: r.get::<_, u32>(5)? + 1,
+            },
+        ))
+    };
+    let row = match seq {
+        Some(seq) => tx
+            .prepare_cached("SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks WHERE seq = ?1")?
+            .query_row([seq], read)
+            .optional()?,
+        None => tx
+            .prepare_cached(
+                "SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks
+                 WHERE state = ?1 ORDER BY seq LIMIT 1",
+            )?
+            .query_row([QUEUED], read)
+            .optional()?,
+    };
     let Some((seq, task)) = row else {
         return Ok(None);
     };
@@ -753,6 +785,41 @@ mod tests {
             assert_eq!(t.attempts, round);
         }
         unreachable!("round 4 returns");
+    }
+
+    #[tokio::test]
+    async fn tasks_that_shared_a_crash_run_alone() {
+        let dir = tempdir("quarantine");
+        {
+            let (store, _) = Store::open(&dir, 3).unwrap();
+            store.ingest(vec![task("s1"), task("s2")]).await.unwrap();
+            store.finish_and_claim(None, true).await.unwrap().unwrap();
+            store.finish_and_claim(None, true).await.unwrap().unwrap();
+            store.ingest(vec![task("fresh")]).await.unwrap();
+        } // crash with s1 and s2 running
+        let (store, rec) = Store::open(&dir, 3).unwrap();
+        assert_eq!(rec.requeued, 2);
+        let s1 = store.finish_and_claim(None, true).await.unwrap().unwrap();
+        assert_eq!((s1.task_id.as_str(), s1.attempts), ("s1", 2));
+        // Nothing runs beside a suspect, not even the fresh task.
+        assert_eq!(store.finish_and_claim(None, true).await.unwrap(), None);
+        let s2 = store
+            .finish_and_claim(Some(ok(&s1)), true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s2.task_id, "s2");
+        assert_eq!(store.finish_and_claim(None, true).await.unwrap(), None);
+        let fresh = store
+            .finish_and_claim(Some(ok(&s2)), true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fresh.task_id, "fresh");
+        // Quarantine is over: ordinary tasks run side by side again.
+        store.ingest(vec![task("a"), task("b")]).await.unwrap();
+        assert!(store.finish_and_claim(None, true).await.unwrap().is_some());
+        assert!(store.finish_and_claim(None, true).await.unwrap().is_some());
     }
 
     #[tokio::test]
