@@ -14,7 +14,7 @@ use crate::wire::AgentState;
 use crate::wire::{EndpointId, PROTOCOL_VERSION, Registration};
 use backon::BackoffBuilder;
 use futures_lite::StreamExt;
-use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -250,35 +250,43 @@ pub async fn fetch_registration(
             }
             return Err(e.into());
         }
-        let got = read_one(&channel, &queue).await?;
+        let bodies = read_all(&channel, &queue).await?;
+        // Closing the channel returns every message we got (unacked) to the queue.
         let _ = channel.close(200, "registration read".into()).await;
-        match got {
-            Some(body) => return parse_registration(ep, &body),
-            None if attempt < 9 => tokio::time::sleep(Duration::from_millis(100)).await,
-            None => {}
+        if !bodies.is_empty() {
+            return newest_registration(ep, &bodies);
+        }
+        if attempt < 9 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     Err(RegistrationError::Missing(ep.clone(), queue))
 }
 
-async fn read_one(channel: &Channel, queue: &str) -> Result<Option<Vec<u8>>, BrokerError> {
-    let got = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-        .await
-        .map_err(|e| BrokerError::amqp(format!("while reading {queue}"), e))?;
-    let Some(msg) = got else { return Ok(None) };
-    let body = msg.delivery.data.clone();
-    channel
-        .basic_nack(
-            msg.delivery.delivery_tag,
-            BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            },
-        )
-        .await
-        .map_err(|e| BrokerError::amqp(format!("while returning the message to {queue}"), e))?;
-    Ok(Some(body))
+/// Every message in `queue`, without consuming any: they stay unacked until the channel closes. A
+/// max-length-1 queue can hold two for a moment (a requeued old one beside a new one), hence all of them.
+async fn read_all(channel: &Channel, queue: &str) -> Result<Vec<Vec<u8>>, BrokerError> {
+    let mut bodies = Vec::new();
+    while bodies.len() < 16 {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| BrokerError::amqp(format!("while reading {queue}"), e))?;
+        let Some(msg) = got else { break };
+        bodies.push(msg.delivery.data);
+    }
+    Ok(bodies)
+}
+
+/// The most recently provisioned valid registration among `bodies`, else the first one's error.
+fn newest_registration(
+    ep: &EndpointId,
+    bodies: &[Vec<u8>],
+) -> Result<Registration, RegistrationError> {
+    let mut parsed: Vec<_> = bodies.iter().map(|b| parse_registration(ep, b)).collect();
+    parsed.sort_by_key(|r| std::cmp::Reverse(r.as_ref().map_or(0, |r| r.provisioned_at_ms)));
+    let first_ok = parsed.iter().position(Result::is_ok);
+    parsed.swap_remove(first_ok.unwrap_or(0))
 }
 
 fn parse_registration(ep: &EndpointId, body: &[u8]) -> Result<Registration, RegistrationError> {
@@ -573,6 +581,20 @@ mod tests {
         assert_eq!(delays[19], max);
         b.reset();
         assert!(b.next_delay() <= min * 2);
+    }
+
+    #[test]
+    fn newest_valid_registration_wins() {
+        let ep = EndpointId::new("ep").unwrap();
+        let old = serde_json::to_vec(&Registration::new(ep.clone(), 5, 100)).unwrap();
+        let new = serde_json::to_vec(&Registration::new(ep.clone(), 9, 200)).unwrap();
+        let got = newest_registration(&ep, &[old.clone(), new.clone()]).unwrap();
+        assert_eq!(got.heartbeat_secs, 9);
+        let got = newest_registration(&ep, &[new, old.clone()]).unwrap();
+        assert_eq!(got.heartbeat_secs, 9);
+        let got = newest_registration(&ep, &[b"junk".to_vec(), old]).unwrap();
+        assert_eq!(got.heartbeat_secs, 5);
+        assert!(newest_registration(&ep, &[b"junk".to_vec()]).is_err());
     }
 
     #[test]
