@@ -86,10 +86,8 @@ impl Publisher {
                     ?delay,
                     "the broker did not take some results; they stay pending"
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = drain.cancelled() => {}
-                }
+                // Not cut short by `drain`: while draining, a refusal would otherwise be retried in a hot loop.
+                tokio::time::sleep(delay).await;
             } else {
                 failures.reset();
             }
