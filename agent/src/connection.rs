@@ -14,10 +14,10 @@ use crate::wire::AgentState;
 use crate::wire::{EndpointId, PROTOCOL_VERSION, Registration};
 use backon::BackoffBuilder;
 use futures_lite::StreamExt;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -164,7 +164,8 @@ fn connect_hint(e: &lapin::Error) -> &'static str {
     }
 }
 
-fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
+/// The soft (channel-level) AMQP error behind a lapin error, if that is what it is.
+pub fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
     match e.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(soft) => Some(soft.clone()),
@@ -221,38 +222,91 @@ impl RegistrationError {
     }
 }
 
-/// Reads the service's registration for `ep` without consuming it: `basic.get` then `basic.nack` with requeue.
-/// Another reader may hold the single message unacked for a moment, so an empty queue is retried briefly.
+/// Depth and consumer count of `queue`, or `None` if it does not exist. Uses a channel of its own, because the
+/// broker closes the channel of a passive declare that fails.
+pub async fn queue_info(
+    conn: &Connection,
+    queue: &str,
+) -> Result<Option<lapin::Queue>, BrokerError> {
+    let channel = conn.create_channel().await.map_err(|e| {
+        BrokerError::amqp(format!("while opening a channel to check queue {queue}"), e)
+    })?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
+            let _ = channel.close(200, "checked".into()).await;
+            Ok(Some(q))
+        }
+        Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(None),
+        Err(e) => Err(BrokerError::amqp(
+            format!("while checking queue {queue}"),
+            e,
+        )),
+    }
+}
+
+/// At most this many messages are looked at by [`peek_all`]; a max-length-1 queue holds one, or two for a
+/// moment when a reader requeues the old message while the writer adds a new one.
+const PEEK_LIMIT: usize = 16;
+
+/// Reads the messages of `queue` without consuming them: `basic.get` until empty, then one `basic.nack` with
+/// `multiple` and `requeue` puts them all back in order. `None` if the queue does not exist.
+pub async fn peek_all(conn: &Connection, queue: &str) -> Result<Option<Vec<Vec<u8>>>, BrokerError> {
+    let channel = conn.create_channel().await.map_err(|e| {
+        BrokerError::amqp(format!("while opening a channel to read queue {queue}"), e)
+    })?;
+    let mut bodies = Vec::new();
+    let mut last_tag = None;
+    while bodies.len() < PEEK_LIMIT {
+        match channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+        {
+            Ok(Some(msg)) => {
+                last_tag = Some(msg.delivery.delivery_tag);
+                bodies.push(msg.delivery.data);
+            }
+            Ok(None) => break,
+            Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => return Ok(None),
+            Err(e) => return Err(BrokerError::amqp(format!("while reading queue {queue}"), e)),
+        }
+    }
+    if let Some(tag) = last_tag {
+        let requeue = BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        };
+        channel.basic_nack(tag, requeue).await.map_err(|e| {
+            BrokerError::amqp(
+                format!("while returning the messages read to queue {queue}"),
+                e,
+            )
+        })?;
+    }
+    let _ = channel.close(200, "read".into()).await;
+    Ok(Some(bodies))
+}
+
+/// Reads the service's registration for `ep` without consuming it, using the newest valid message. Another
+/// reader may hold the single message unacked for a moment, so an empty queue is retried briefly.
 pub async fn fetch_registration(
     conn: &Connection,
     ep: &EndpointId,
 ) -> Result<Registration, RegistrationError> {
     let queue = ep.registration_queue();
     for attempt in 0..10 {
-        // A failed passive declare closes the channel, so each attempt gets its own.
-        let channel = conn.create_channel().await.map_err(|e| {
-            BrokerError::amqp("while opening a channel to read the registration", e)
-        })?;
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| BrokerError::amqp(format!("while checking queue {queue}"), e));
-        if let Err(e) = declared {
-            if e.is_not_found() {
-                return Err(RegistrationError::NotProvisioned(ep.clone(), queue));
-            }
-            return Err(e.into());
-        }
-        let bodies = read_all(&channel, &queue).await?;
-        // Closing the channel returns every message we got (unacked) to the queue.
-        let _ = channel.close(200, "registration read".into()).await;
+        let Some(bodies) = peek_all(conn, &queue).await? else {
+            return Err(RegistrationError::NotProvisioned(ep.clone(), queue));
+        };
         if !bodies.is_empty() {
             return newest_registration(ep, &bodies);
         }
@@ -261,21 +315,6 @@ pub async fn fetch_registration(
         }
     }
     Err(RegistrationError::Missing(ep.clone(), queue))
-}
-
-/// Every message in `queue`, without consuming any: they stay unacked until the channel closes. A
-/// max-length-1 queue can hold two for a moment (a requeued old one beside a new one), hence all of them.
-async fn read_all(channel: &Channel, queue: &str) -> Result<Vec<Vec<u8>>, BrokerError> {
-    let mut bodies = Vec::new();
-    while bodies.len() < 16 {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await
-            .map_err(|e| BrokerError::amqp(format!("while reading {queue}"), e))?;
-        let Some(msg) = got else { break };
-        bodies.push(msg.delivery.data);
-    }
-    Ok(bodies)
 }
 
 /// The most recently provisioned valid registration among `bodies`, else the first one's error.

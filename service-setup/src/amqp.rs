@@ -1,15 +1,12 @@
-//! Small AMQP building blocks shared by the service-side operations: opening a channel, checking a queue without
-//! creating it, reading a queue without consuming it, and declaring the shared exchanges and queues exactly as the
-//! wire contract says. Every declaration of topology lives here so provision, submit and the results reader cannot
+//! Small AMQP building blocks shared by the service-side operations: opening a channel and declaring the shared
+//! exchanges and queues exactly as the wire contract says (checking or reading a queue without consuming it are
+//! `endpoint_agent::connection::{queue_info, peek_all}`, shared with the agent). Every declaration of topology lives here so provision, submit and the results reader cannot
 //! drift apart. It must not decide policy (what is an error for which command); callers do.
 
 use crate::error::{SetupError, reply_text, soft_error};
 use endpoint_agent::connection::BrokerError;
 use endpoint_agent::wire::{RESULTS_BINDING, RESULTS_EXCHANGE, RESULTS_QUEUE, TASKS_EXCHANGE};
-use lapin::options::{
-    BasicGetOptions, BasicNackOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -132,76 +129,4 @@ pub(crate) async fn declare_results(channel: &Channel) -> Result<(), SetupError>
     declare_exchange(channel, RESULTS_EXCHANGE, ExchangeKind::Topic).await?;
     declare_queue(channel, RESULTS_QUEUE, FieldTable::default()).await?;
     bind(channel, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_BINDING).await
-}
-
-/// Depth and consumer count of `queue`, or `None` if it does not exist. Uses its own channel because the
-/// broker closes the channel of a passive declare that fails.
-pub(crate) async fn queue_info(
-    conn: &Connection,
-    queue: &str,
-) -> Result<Option<lapin::Queue>, SetupError> {
-    let channel = open_channel(conn, &format!("check queue {queue}")).await?;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(q) => {
-            close_channel(&channel).await;
-            Ok(Some(q))
-        }
-        Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(None),
-        Err(e) => Err(amqp_err(format!("while checking queue {queue}"))(e)),
-    }
-}
-
-/// At most this many messages are looked at by [`peek_all`]; a max-length-1 queue holds one, or two for a moment
-/// when a reader requeues the old message while the writer adds a new one.
-const PEEK_LIMIT: usize = 16;
-
-/// Reads the messages of `queue` without consuming them: `basic.get` until empty, then one `basic.nack` with
-/// `multiple` and `requeue` puts them all back in order. Returns `None` if the queue does not exist.
-pub(crate) async fn peek_all(
-    conn: &Connection,
-    queue: &str,
-) -> Result<Option<Vec<Vec<u8>>>, SetupError> {
-    let channel = open_channel(conn, &format!("read queue {queue}")).await?;
-    let mut bodies = Vec::new();
-    let mut last_tag = None;
-    while bodies.len() < PEEK_LIMIT {
-        let got = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await;
-        match got {
-            Ok(Some(msg)) => {
-                last_tag = Some(msg.delivery.delivery_tag);
-                bodies.push(msg.delivery.data);
-            }
-            Ok(None) => break,
-            Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => return Ok(None),
-            Err(e) => return Err(amqp_err(format!("while reading queue {queue}"))(e)),
-        }
-    }
-    if let Some(tag) = last_tag {
-        channel
-            .basic_nack(
-                tag,
-                BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                },
-            )
-            .await
-            .map_err(amqp_err(format!(
-                "while returning the messages read to queue {queue}"
-            )))?;
-    }
-    close_channel(&channel).await;
-    Ok(Some(bodies))
 }

@@ -4,7 +4,6 @@
 
 use endpoint_agent::connection::BrokerError;
 use endpoint_agent::wire::EndpointId;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -73,16 +72,7 @@ impl SetupError {
     }
 }
 
-/// The soft (channel-level) AMQP error behind a lapin error, if that is what it is.
-pub(crate) fn soft_error(e: &lapin::Error) -> Option<AMQPSoftError> {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
-            AMQPErrorKind::Hard(_) => None,
-        },
-        _ => None,
-    }
-}
+pub(crate) use endpoint_agent::connection::soft_error;
 
 /// The broker's explanation behind a lapin error (`PRECONDITION_FAILED - inequivalent arg ...`).
 pub(crate) fn reply_text(e: &lapin::Error) -> String {

@@ -3,9 +3,9 @@
 //! strictly non-destructive: queues are checked passively and messages are peeked and requeued, never acked.
 //! The verdict is a pure function of [`EndpointStatus`] so it is tested without a broker or a clock.
 
-use crate::amqp::{peek_all, queue_info};
 use crate::error::SetupError;
 use crate::time::{rfc3339_utc, secs};
+use endpoint_agent::connection::{peek_all, queue_info};
 use endpoint_agent::wire::{AgentState, EndpointId, Heartbeat, Registration, now_ms};
 use lapin::Connection;
 use serde::de::DeserializeOwned;

@@ -5,9 +5,10 @@
 
 use crate::amqp::{
     amqp_err, bind, close_channel, declare_queue, declare_results, declare_tasks_exchange,
-    latest_only_queue_args, open_channel, queue_info, tasks_queue_args,
+    latest_only_queue_args, open_channel, tasks_queue_args,
 };
 use crate::error::{SetupError, soft_error};
+use endpoint_agent::connection::queue_info;
 use endpoint_agent::wire::{EndpointId, Registration, TASKS_EXCHANGE, now_ms};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::protocol::AMQPSoftError;
