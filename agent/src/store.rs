@@ -95,6 +95,8 @@ pub enum StoreError {
     Missing(PathBuf),
     #[error("database commit failed: {0}")]
     Commit(String, bool),
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(std::io::Error),
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("the store has shut down")]
@@ -152,7 +154,7 @@ impl Store {
         std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer(conn, rx, counts_tx))
-            .map_err(|e| StoreError::CreateDir(dir.to_owned(), e))?;
+            .map_err(StoreError::Thread)?;
         Ok((
             Store {
                 tx,
