@@ -92,6 +92,21 @@ pub fn lock_data_dir(dir: &Path) -> Result<DirLock, AgentError> {
     Ok(DirLock(file))
 }
 
+/// The pid recorded by the agent holding `dir`'s lock, or `None` if no agent holds it. Writes nothing.
+pub fn lock_holder(dir: &Path) -> Option<String> {
+    let path = dir.join(LOCK_FILE);
+    let file = File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => Some(
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+        ),
+    }
+}
+
 /// Runs the agent until `shutdown` resolves, then stops in order (see the module doc). Returns an error only
 /// when it cannot start: the data directory is taken or damaged, or the endpoint is not provisioned.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {

@@ -2,8 +2,8 @@
 //! whether an agent is using it, and the broker link state that agent last recorded. Reads only; safe while
 //! an agent runs.
 
+use crate::lock_holder;
 use crate::store::{self, Counts, StoreError};
-use crate::{LOCK_FILE, lock_data_dir};
 use serde::Serialize;
 use std::path::Path;
 
@@ -28,15 +28,7 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
     if !dir.join(store::DB_FILE).exists() {
         return Err(StoreError::Missing(dir.join(store::DB_FILE)));
     }
-    let agent = match lock_data_dir(dir) {
-        Ok(_released_at_once) => None,
-        Err(_) => Some(
-            std::fs::read_to_string(dir.join(LOCK_FILE))
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        ),
-    };
+    let agent = lock_holder(dir);
     let (counts, meta): (Counts, _) = store::read_status(dir)?;
     let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let link = get("link");
