@@ -47,6 +47,21 @@ impl BrokerUrl {
         &self.0
     }
 
+    /// Host, port, credentials and vhost, for [`crate::raw`], which speaks AMQP without lapin.
+    pub fn parts(&self) -> UrlParts {
+        let uri: lapin::uri::AMQPUri = self
+            .0
+            .parse()
+            .expect("a BrokerUrl was parsed when it was made");
+        UrlParts {
+            host: uri.authority.host,
+            port: uri.authority.port,
+            user: uri.authority.userinfo.username,
+            password: uri.authority.userinfo.password,
+            vhost: uri.vhost,
+        }
+    }
+
     /// This URL with `heartbeat=secs` added, unless the URL already sets a heartbeat (the operator's choice wins).
     pub fn with_heartbeat(&self, secs: u16) -> BrokerUrl {
         if self.0.contains("heartbeat=") {
@@ -55,6 +70,15 @@ impl BrokerUrl {
         let sep = if self.0.contains('?') { '&' } else { '?' };
         BrokerUrl(format!("{}{sep}heartbeat={secs}", self.0))
     }
+}
+
+/// The pieces of a [`BrokerUrl`]; `password` is secret (never log it).
+pub struct UrlParts {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub vhost: String,
 }
 
 impl fmt::Display for BrokerUrl {

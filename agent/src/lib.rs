@@ -9,6 +9,7 @@ pub mod config;
 pub mod connection;
 pub mod executor;
 mod publisher;
+pub mod raw;
 pub mod status;
 pub mod store;
 mod subscriber;
