@@ -20,7 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +144,17 @@ impl BrokerError {
                 soft_error(cause)
             }
             BrokerError::BadUrl(..) | BrokerError::Lost(_) => None,
+        }
+    }
+
+    /// lapin could not parse what the broker sent: a delivery with a non-UTF-8 short string or an unknown
+    /// header type. The connection is dead and the broker will redeliver that message.
+    pub fn is_unparsable(&self) -> bool {
+        match self {
+            BrokerError::Amqp { cause, .. } | BrokerError::Connect { cause, .. } => {
+                matches!(cause.kind(), lapin::ErrorKind::ParsingError(_))
+            }
+            BrokerError::BadUrl(..) | BrokerError::Lost(_) => false,
         }
     }
 
@@ -412,6 +423,13 @@ impl Backoff {
     }
 }
 
+/// A session up at least this long resets the reconnect backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// Keys of the conditions recorded for `endpoint-agent status` (empty value: not in effect).
+pub(crate) const PUBLISHING_BLOCKED: &str = "publishing_blocked";
+pub(crate) const DISK_FULL: &str = "disk_full";
+
 /// What the link supervisor needs; built once by `crate::run`.
 pub(crate) struct Link {
     pub config: Arc<Config>,
@@ -442,18 +460,21 @@ impl Link {
         let ep = &config.endpoint_id;
         let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
         let mut ever_registered = false;
+        let blocked = watch::channel(None).0;
         let publisher = Publisher {
             config: config.clone(),
             store: self.store.clone(),
             signals: self.signals.clone(),
             state: self.state.subscribe(),
             seq: Arc::new(AtomicU64::new(0)),
+            blocked: blocked.subscribe(),
         };
         let subscriber = Subscriber {
             config: config.clone(),
             store: self.store.clone(),
             signals: self.signals.clone(),
             state: self.state.clone(),
+            unparsable: AtomicBool::new(false),
         };
         loop {
             let registered = async {
@@ -486,12 +507,31 @@ impl Link {
                 tracing::info!(endpoint = %ep, heartbeat_secs = reg.heartbeat_secs, broker = %config.broker_url, "registered");
             }
             ever_registered = true;
-            match self
-                .session(&reg, &subscriber, &publisher, &stop_intake, &drain)
-                .await
-            {
+            let started = std::time::Instant::now();
+            let end = self
+                .session(
+                    &reg,
+                    &subscriber,
+                    &publisher,
+                    &blocked,
+                    &stop_intake,
+                    &drain,
+                )
+                .await;
+            // A session that stayed up a while proves the path works: the next outage starts over from the
+            // shortest delay instead of the longest one reached by earlier outages.
+            if started.elapsed() >= STABLE_SESSION {
+                backoff.reset();
+            }
+            match end {
                 SessionEnd::Drained => return Ok(()),
                 SessionEnd::Failed(e) => {
+                    if e.is_unparsable() {
+                        tracing::warn!(
+                            "a task could not be parsed by the AMQP client library; reading it with our own reader next"
+                        );
+                        subscriber.unparsable.store(true, Ordering::Relaxed);
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "lost the broker; tasks keep running, results wait on disk; reconnecting");
                     self.note(format!("disconnected since {}: {e}", wire_time()))
@@ -500,6 +540,16 @@ impl Link {
                 }
             }
         }
+    }
+
+    async fn set_blocked(&self, blocked: &watch::Sender<Option<String>>, why: Option<String>) {
+        record_link(
+            &self.store,
+            PUBLISHING_BLOCKED,
+            why.clone().unwrap_or_default(),
+        )
+        .await;
+        blocked.send_replace(why);
     }
 
     async fn note(&self, link: String) {
@@ -511,6 +561,7 @@ impl Link {
         reg: &Registration,
         subscriber: &Subscriber,
         publisher: &Publisher,
+        blocked: &watch::Sender<Option<String>>,
         stop_intake: &CancellationToken,
         drain: &CancellationToken,
     ) -> SessionEnd {
@@ -541,12 +592,25 @@ impl Link {
         let watchdog = async {
             let mut events = sub_conn.events_listener().or(pub_conn.events_listener());
             while let Some(event) = events.next().await {
-                // A channel-level (soft) error, such as the exclusive consume being refused, also arrives
-                // here; it is handled where it happened and leaves the connection alive.
-                if let lapin::Event::Error(e) = event
-                    && !e.is_amqp_soft_error()
-                {
-                    return BrokerError::amqp("the broker connection failed", e);
+                match event {
+                    // A channel-level (soft) error, such as the exclusive consume being refused, also arrives
+                    // here; it is handled where it happened and leaves the connection alive.
+                    lapin::Event::Error(e) if !e.is_amqp_soft_error() => {
+                        return BrokerError::amqp("the broker connection failed", e);
+                    }
+                    // Only the publisher connection publishes, so only it is ever blocked.
+                    lapin::Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(reason = %reason, "the broker blocked publishing (resource alarm): results wait on disk, tasks keep running; it resumes when the broker unblocks");
+                        self.set_blocked(blocked, Some(format!("since {}: {reason}", wire_time())))
+                            .await;
+                    }
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!(
+                            "the broker unblocked publishing: sending the results that waited"
+                        );
+                        self.set_blocked(blocked, None).await;
+                    }
+                    _ => {}
                 }
             }
             BrokerError::Lost("the broker connection closed".into())
@@ -565,6 +629,10 @@ impl Link {
                 tracing::warn!(error = %e, "cannot publish the final heartbeat");
             }
             self.note(format!("stopped at {}", wire_time())).await;
+        }
+        // A new connection starts unblocked (the broker blocks it again at its first publish if it must).
+        if blocked.borrow().is_some() {
+            self.set_blocked(blocked, None).await;
         }
         for conn in [&sub_conn, &pub_conn] {
             let _ = tokio::time::timeout(

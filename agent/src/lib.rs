@@ -148,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     executors.close();
     let maintenance = tokio::spawn(prune_forever(store.clone(), config.result_retention));
+    let disk_watch = tokio::spawn(record_disk_full(store.clone()));
     let link = Link {
         config: config.clone(),
         store: store.clone(),
@@ -168,6 +169,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         kill.cancel();
         executors.wait().await;
         maintenance.abort();
+        disk_watch.abort();
         return match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
@@ -200,8 +202,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         link.abort();
     }
     maintenance.abort();
+    disk_watch.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Records the disk-full condition for `endpoint-agent status` whenever it changes. Best effort: while the
+/// disk is full the record itself may not fit (the heartbeat's `disk_full` state and the log still say so).
+async fn record_disk_full(store: Store) {
+    let mut full = store.disk_full();
+    loop {
+        let value = full.borrow_and_update().clone().unwrap_or_default();
+        connection::record_link(&store, connection::DISK_FULL, value).await;
+        if full.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Deletes published results (and their tasks) older than the retention, once a minute.

@@ -27,6 +27,8 @@ pub(crate) struct Publisher {
     pub state: watch::Receiver<AgentState>,
     /// Heartbeat sequence, kept across reconnects.
     pub seq: Arc<AtomicU64>,
+    /// `Some(why)` while the broker blocks the publishing connection (a resource alarm).
+    pub blocked: watch::Receiver<Option<String>>,
 }
 
 async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel, BrokerError> {
@@ -51,7 +53,15 @@ impl Publisher {
     ) -> Result<(), BrokerError> {
         let channel = confirm_channel(conn, "publisher").await?;
         let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut blocked = self.blocked.clone();
         loop {
+            // While the broker blocks us, publish nothing: results stay on disk and nothing piles up in the
+            // client's buffers. A shutdown meanwhile leaves them pending for the next start.
+            while blocked.borrow_and_update().is_some() {
+                if blocked.changed().await.is_err() {
+                    return Ok(());
+                }
+            }
             let notified = self.signals.new_results.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -150,7 +160,10 @@ impl Publisher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let state = *self.state.borrow();
+            let state = self.state.borrow().with_conditions(
+                self.store.disk_full().borrow().is_some(),
+                self.blocked.borrow().is_some(),
+            );
             // Not confirmed: the next beat supersedes a lost one.
             let _confirm = self.publish_heartbeat(&channel, state, interval).await?;
         }

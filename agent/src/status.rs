@@ -21,6 +21,11 @@ pub struct LocalStatus {
     pub link: Option<String>,
     /// How often the agent has reconnected to the broker since it started.
     pub reconnects: u64,
+    /// `since <time>: <reason>` while the broker blocks the agent's publishing (a resource alarm).
+    pub publishing_blocked: Option<String>,
+    /// `since <time>: <error>` while the database cannot grow, if the agent could record it (the disk being
+    /// full, it may not); the heartbeat's `disk_full` state tells the service in any case.
+    pub disk_full: Option<String>,
 }
 
 /// Reads the status of the data directory `dir`.
@@ -33,6 +38,11 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
     let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let link = get("link");
     let reconnects = get("reconnects").and_then(|v| v.parse().ok()).unwrap_or(0);
+    // Conditions are only meaningful while an agent runs; an empty value means "not in effect".
+    let online = agent.is_some();
+    let condition = |key: &str| get(key).filter(|v| !v.is_empty() && online);
+    let publishing_blocked = condition(crate::connection::PUBLISHING_BLOCKED);
+    let disk_full = condition(crate::connection::DISK_FULL);
     Ok(LocalStatus {
         data_dir: dir.display().to_string(),
         online: agent.is_some(),
@@ -43,6 +53,8 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
         results_pending: counts.results_pending,
         link,
         reconnects,
+        publishing_blocked,
+        disk_full,
     })
 }
 
@@ -60,6 +72,12 @@ impl LocalStatus {
         if let Some(link) = &self.link {
             s.push_str(&format!("broker link:     {link}\n"));
             s.push_str(&format!("reconnects:      {}\n", self.reconnects));
+        }
+        if let Some(b) = &self.publishing_blocked {
+            s.push_str(&format!("publishing:      blocked by the broker {b}\n"));
+        }
+        if let Some(d) = &self.disk_full {
+            s.push_str(&format!("disk:            full {d}\n"));
         }
         s
     }

@@ -135,6 +135,9 @@ enum Command {
 pub struct Store {
     tx: mpsc::Sender<Command>,
     counts: watch::Receiver<Counts>,
+    /// `since <time>: <error>` while writes that need space fail (disk full), else `None`.
+    disk_full: std::sync::Arc<watch::Sender<Option<String>>>,
+    dir: PathBuf,
 }
 
 /// File name of the database inside the data directory.
@@ -159,6 +162,8 @@ impl Store {
             Store {
                 tx,
                 counts: counts_rx,
+                disk_full: std::sync::Arc::new(watch::channel(None).0),
+                dir: dir.to_owned(),
             },
             recovery,
         ))
@@ -171,7 +176,10 @@ impl Store {
     }
 
     pub async fn ingest(&self, items: Vec<Intake>) -> Result<IngestOutcome, StoreError> {
-        self.call(|r| Command::Ingest(items, r)).await
+        let grows = !items.is_empty();
+        let r = self.call(|r| Command::Ingest(items, r)).await;
+        self.note_space(&r, grows);
+        r
     }
 
     pub async fn finish_and_claim(
@@ -179,8 +187,48 @@ impl Store {
         finished: Option<TaskResult>,
         claim: bool,
     ) -> Result<Option<ClaimedTask>, StoreError> {
-        self.call(|r| Command::FinishAndClaim(finished, claim, r))
-            .await
+        let grows = finished.is_some();
+        let r = self
+            .call(|r| Command::FinishAndClaim(finished, claim, r))
+            .await;
+        self.note_space(&r, grows);
+        r
+    }
+
+    /// Disk-full bookkeeping, fed by the writes that need space (new tasks, results): set and logged at the
+    /// first failure for lack of space, cleared and logged by the next such write that commits.
+    fn note_space<T>(&self, r: &Result<T, StoreError>, grows: bool) {
+        match r {
+            Err(e) if e.is_disk_full() => {
+                self.disk_full.send_if_modified(|s| {
+                    if s.is_some() {
+                        return false;
+                    }
+                    tracing::error!(
+                        error = %e,
+                        data_dir = %self.dir.display(),
+                        "disk full: the database cannot grow; new tasks stay in the broker (not acked), finished results wait in memory; free space in the data directory and the agent resumes by itself"
+                    );
+                    *s = Some(format!("since {}: {e}", crate::wire::rfc3339_utc(crate::wire::now_ms())));
+                    true
+                });
+            }
+            Ok(_) if grows => {
+                self.disk_full.send_if_modified(|s| {
+                    let was = s.take();
+                    if let Some(was) = &was {
+                        tracing::info!(was = %was, "the database takes writes again: resuming intake");
+                    }
+                    was.is_some()
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// `Some("since <time>: <error>")` while the database cannot grow; `changed()` wakes at every change.
+    pub fn disk_full(&self) -> watch::Receiver<Option<String>> {
+        self.disk_full.subscribe()
     }
 
     pub async fn requeue(&self, task_id: String) -> Result<(), StoreError> {

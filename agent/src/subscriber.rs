@@ -6,14 +6,16 @@
 use crate::config::Config;
 use crate::connection::{Backoff, BrokerError};
 use crate::executor::Signals;
+use crate::raw::{FieldValue, RawConnection, RawError, RawMessage};
 use crate::store::{Intake, NewTask, Store};
-use crate::wire::{AgentState, HEADER_TIMEOUT_MS};
+use crate::wire::{AgentState, HEADER_TIMEOUT_MS, MAX_HEADER_BYTES};
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,9 @@ pub(crate) struct Subscriber {
     pub store: Store,
     pub signals: Arc<Signals>,
     pub state: watch::Sender<AgentState>,
+    /// Set when the last subscriber connection died because lapin could not parse a delivery: the next
+    /// session first reads the deliveries that were in flight with [`crate::raw`].
+    pub unparsable: AtomicBool,
 }
 
 impl Subscriber {
@@ -37,6 +42,16 @@ impl Subscriber {
         let tag = format!("endpoint-agent-{}", std::process::id());
         let mut standby = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         let mut standing_by = false;
+        if self.unparsable.load(Ordering::Relaxed) {
+            match self.read_unparsable(&queue, stop).await {
+                Ok(()) => self.unparsable.store(false, Ordering::Relaxed),
+                Err(e) => {
+                    return Err(BrokerError::Lost(format!(
+                        "cannot read the task lapin could not parse: {e}"
+                    )));
+                }
+            }
+        }
         while !stop.is_cancelled() {
             let channel = conn
                 .create_channel()
@@ -177,6 +192,50 @@ impl Subscriber {
         close(channel, &consumer).await
     }
 
+    /// Reads the deliveries that were in flight when lapin failed to parse one (the broker gave them back,
+    /// `redelivered`) with our own AMQP reader, one at a time: each is committed, then acked, exactly as in
+    /// `consume`. Stops after the unparsable one, at the first message that was never delivered, or after
+    /// `prefetch` messages; each pass moves at least one message, so a bad message cannot loop.
+    async fn read_unparsable(&self, queue: &str, stop: &CancellationToken) -> Result<(), RawError> {
+        let name = format!("endpoint-agent {} raw reader", self.config.endpoint_id);
+        let mut raw = RawConnection::open(&self.config.broker_url, &name).await?;
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        for _ in 0..self.config.prefetch.max(1) {
+            let Some(message) = raw.get(queue).await? else {
+                break;
+            };
+            if !message.redelivered {
+                raw.requeue(message.delivery_tag).await?;
+                break;
+            }
+            let (intake, unparsable) = classify_raw(&self.config, &message);
+            if unparsable {
+                tracing::warn!(
+                    delivery_tag = message.delivery_tag,
+                    "read a task the AMQP client library could not parse (it broke the connection)"
+                );
+            }
+            while let Err(e) = self
+                .store
+                .ingest(intake.clone().into_iter().collect())
+                .await
+            {
+                tracing::error!(error = %e, "cannot commit a received task; not acking it, retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => { raw.close().await; return Ok(()) }
+                    _ = tokio::time::sleep(retry.next_delay()) => {}
+                }
+            }
+            raw.ack(message.delivery_tag).await?;
+            self.signals.new_tasks.notify_waiters();
+            if unparsable {
+                break;
+            }
+        }
+        raw.close().await;
+        Ok(())
+    }
+
     /// Local backpressure: waits while the backlog on disk is at its maximum. False if stopped meanwhile.
     async fn wait_for_room(&self, stop: &CancellationToken) -> bool {
         let mut counts = self.store.counts();
@@ -226,6 +285,7 @@ fn classify_delivery(config: &Config, d: &Delivery) -> Option<Intake> {
         p.message_id().as_ref().map(|s| s.as_str()),
         p.kind().as_ref().map(|s| s.as_str()),
         timeout,
+        p.headers().as_ref().map_or(0, table_bytes),
         &d.data,
     );
     if intake.is_none() {
@@ -249,18 +309,132 @@ fn timeout_ms(v: &AMQPValue) -> Result<u64, String> {
         AMQPValue::LongUInt(n) => Some((*n).into()),
         AMQPValue::LongLongInt(n) => Some((*n).into()),
         AMQPValue::Timestamp(n) => Some((*n).into()),
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse().ok()),
-        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        AMQPValue::LongString(s) => parse_ms(s.as_bytes()),
+        AMQPValue::ShortString(s) => parse_ms(s.as_str().as_bytes()),
         _ => None,
     };
+    positive_ms(n, v)
+}
+
+fn parse_ms(text: &[u8]) -> Option<i128> {
+    std::str::from_utf8(text).ok()?.trim().parse().ok()
+}
+
+/// The `x-timeout-ms` value `n` read from the header value `shown`, if it is a positive integer.
+fn positive_ms(n: Option<i128>, shown: &dyn std::fmt::Debug) -> Result<u64, String> {
     match n {
         Some(n) if n > 0 => Ok(u64::try_from(n).unwrap_or(u64::MAX)),
         _ => Err(format!(
-            "header {HEADER_TIMEOUT_MS} must be a positive integer number of milliseconds, got {v:?}"
+            "header {HEADER_TIMEOUT_MS} must be a positive integer number of milliseconds, got {shown:?}"
         )),
     }
+}
+
+/// The encoded size of a header table, to hold tasks to [`MAX_HEADER_BYTES`].
+fn table_bytes(t: &FieldTable) -> usize {
+    t.inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_bytes(v))
+        .sum::<usize>()
+}
+
+fn value_bytes(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::Void => 0,
+        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
+        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+        AMQPValue::DecimalValue(_) => 5,
+        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ByteArray(b) => 4 + b.len(),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_bytes).sum::<usize>(),
+        AMQPValue::FieldTable(t) => 4 + table_bytes(t),
+    }
+}
+
+fn utf8(b: &Option<Vec<u8>>) -> Result<Option<&str>, std::str::Utf8Error> {
+    b.as_deref().map(std::str::from_utf8).transpose()
+}
+
+/// What a message fetched by [`crate::raw`] becomes, and whether lapin could not have read it (the reason it
+/// was fetched that way). A task id that is not UTF-8 cannot be answered (results carry it as a UTF-8 short
+/// string), so such a message is dropped and logged like one without an id.
+fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, bool) {
+    let p = &m.properties;
+    let Ok(message_id) = utf8(&p.message_id) else {
+        tracing::warn!(
+            message_id = ?String::from_utf8_lossy(p.message_id.as_deref().unwrap_or_default()),
+            function = ?p.kind.as_deref().map(String::from_utf8_lossy),
+            bytes = m.body.len(),
+            "dropped a task whose message_id is not valid UTF-8 (no task id to answer to): send task ids as UTF-8"
+        );
+        return (None, true);
+    };
+    let Some(task_id) = message_id.filter(|id| !id.is_empty()) else {
+        tracing::warn!(
+            bytes = m.body.len(),
+            "dropped a task without message_id (no task id to answer to): set message_id on every task"
+        );
+        return (None, false);
+    };
+    let reject = |reason: String| {
+        Some(Intake::Rejected {
+            task_id: task_id.to_owned(),
+            function: String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned(),
+            reason,
+        })
+    };
+    let Ok(function) = utf8(&p.kind) else {
+        let shown = String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned();
+        return (
+            reject(format!(
+                "the `type` property (the function name) is not valid UTF-8: {shown:?}"
+            )),
+            true,
+        );
+    };
+    let headers = match p
+        .headers
+        .as_deref()
+        .map(crate::raw::parse_table)
+        .transpose()
+    {
+        Ok(h) => h.unwrap_or_default(),
+        Err(e) => return (reject(format!("task headers cannot be read: {e}")), true),
+    };
+    if let Some((key, _)) = headers
+        .iter()
+        .find(|(k, _)| std::str::from_utf8(k).is_err())
+    {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        return (
+            reject(format!("header name {shown:?} is not valid UTF-8")),
+            true,
+        );
+    }
+    let timeout = headers
+        .iter()
+        .find(|(k, _)| k.as_slice() == HEADER_TIMEOUT_MS.as_bytes())
+        .map(|(_, v)| {
+            let n = match v {
+                FieldValue::Int(n) => Some(*n),
+                FieldValue::Bytes(b) => parse_ms(b),
+                FieldValue::Other(_) => None,
+            };
+            positive_ms(n, v)
+        });
+    let header_bytes = p.headers.as_ref().map_or(0, Vec::len);
+    let intake = classify(
+        config,
+        Some(task_id),
+        function,
+        timeout,
+        header_bytes,
+        &m.body,
+    );
+    (intake, false)
 }
 
 /// Decides what a delivery becomes. `None`: no task id, so nothing can be answered (logged and acked).
@@ -269,6 +443,7 @@ fn classify(
     message_id: Option<&str>,
     function: Option<&str>,
     timeout: Option<Result<u64, String>>,
+    header_bytes: usize,
     body: &[u8],
 ) -> Option<Intake> {
     let task_id = message_id.filter(|id| !id.is_empty())?.to_owned();
@@ -302,6 +477,14 @@ fn classify(
                 "task body is {} bytes, over this endpoint's max_body_bytes of {}",
                 body.len(),
                 config.max_body_bytes
+            ),
+        );
+    }
+    if header_bytes > MAX_HEADER_BYTES {
+        return reject(
+            function,
+            format!(
+                "task headers are {header_bytes} bytes, over the limit of {MAX_HEADER_BYTES}: put data in the body, not in headers"
             ),
         );
     }
@@ -344,7 +527,7 @@ mod tests {
         body: &str,
         want: Option<&str>,
     ) {
-        let got = classify(&config(), id, f, t, body.as_bytes());
+        let got = classify(&config(), id, f, t, 0, body.as_bytes());
         match (got, want) {
             (None, None) => {}
             (Some(Intake::Task(t)), Some("task")) => assert_eq!(t.payload, body.as_bytes()),

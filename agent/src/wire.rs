@@ -28,6 +28,10 @@ pub const HEADER_EXIT_CODE: &str = "exit_code";
 pub const HEADER_ATTEMPTS: &str = "attempts";
 pub const HEADER_DURATION_MS: &str = "duration_ms";
 
+/// Largest header table a task may carry (estimated encoded size); larger ones get a `rejected` result. Task
+/// data belongs in the body.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Longest endpoint id accepted; keeps every derived queue name well under AMQP's 255-byte short string.
 pub const MAX_ENDPOINT_ID_LEN: usize = 128;
 /// Longest task id (AMQP `message_id` is a short string).
@@ -204,10 +208,30 @@ pub enum AgentState {
     Standby,
     /// Local backlog is full: not taking deliveries until executors catch up.
     Paused,
+    /// The database cannot take writes (disk full): new deliveries stay in the broker, finished results wait
+    /// in memory, until space returns.
+    #[serde(rename = "disk_full")]
+    DiskFull,
+    /// The broker blocked the publishing connection (a resource alarm): results wait on disk, tasks keep
+    /// running. Seen by the service only once the block is over, since the broker blocks heartbeats too.
+    Blocked,
     /// Shutting down: consumes nothing new, finishing what runs.
     Draining,
     /// Stopped cleanly; the last heartbeat an agent sends.
     Stopped,
+}
+
+impl AgentState {
+    /// The state a heartbeat reports: the conditions that stop work (disk full, then blocked publishing) are
+    /// shown over the intake state, but not over shutting down.
+    pub fn with_conditions(self, disk_full: bool, blocked: bool) -> AgentState {
+        match self {
+            AgentState::Draining | AgentState::Stopped => self,
+            _ if disk_full => AgentState::DiskFull,
+            _ if blocked => AgentState::Blocked,
+            _ => self,
+        }
+    }
 }
 
 impl fmt::Display for AgentState {
@@ -344,5 +368,24 @@ mod tests {
         let bad = json.replace("\"ep\"", "\"e.p\"");
         assert!(serde_json::from_str::<Registration>(&bad).is_err());
         assert_eq!(AgentState::Standby.to_string(), "standby");
+        assert_eq!(AgentState::DiskFull.to_string(), "disk_full");
+    }
+
+    #[test]
+    fn conditions_show_over_intake_states() {
+        use AgentState::*;
+        let check = |s: AgentState, full, blocked, want| {
+            assert_eq!(
+                s.with_conditions(full, blocked),
+                want,
+                "{s} {full} {blocked}"
+            )
+        };
+        check(Running, false, false, Running);
+        check(Paused, true, false, DiskFull);
+        check(Standby, true, true, DiskFull);
+        check(Running, false, true, Blocked);
+        check(Draining, true, true, Draining);
+        check(Stopped, false, true, Stopped);
     }
 }
