@@ -93,6 +93,10 @@ pub enum StoreError {
         "no database at {0}: no agent has used this data directory (check --data-dir or --endpoint-id)"
     )]
     Missing(PathBuf),
+    #[error(
+        "database {0} is damaged ({1}): the agent will not start on it and has not changed it; tasks and results acked into it live only there, so keep it (`sqlite3 {0} .recover` may save them), move it aside and start again"
+    )]
+    Damaged(PathBuf, String),
     #[error("database commit failed: {0}")]
     Commit(String, bool),
     #[error("cannot start the store's writer thread: {0}")]
@@ -104,6 +108,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// An error opening `path`: a damaged file is told apart from other failures (permissions, disk).
+    fn opening(path: &Path, e: rusqlite::Error) -> StoreError {
+        let damaged = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+        );
+        if damaged {
+            StoreError::Damaged(path.to_owned(), e.to_string())
+        } else {
+            StoreError::Open(path.to_owned(), e)
+        }
+    }
+
     /// The disk is full or the database cannot grow: retrying later may succeed.
     pub fn is_disk_full(&self) -> bool {
         match self {
@@ -149,8 +166,11 @@ impl Store {
     pub fn open(dir: &Path, max_attempts: u32) -> Result<(Store, Recovery), StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir(dir.to_owned(), e))?;
         let path = dir.join(DB_FILE);
-        let mut conn = open_db(&path).map_err(|e| StoreError::Open(path.clone(), e))?;
-        let recovery = recover(&mut conn, max_attempts)?;
+        let mut conn = open_db(&path).map_err(|e| StoreError::opening(&path, e))?;
+        let recovery = recover(&mut conn, max_attempts).map_err(|e| match e {
+            StoreError::Sqlite(e) => StoreError::opening(&path, e),
+            e => e,
+        })?;
         let counts = read_counts(&conn)?;
         let (counts_tx, counts_rx) = watch::channel(counts);
         let (tx, rx) = mpsc::channel();
@@ -274,6 +294,15 @@ const DONE: i64 = 2;
 fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Before anything writes: a damaged file (truncated, overwritten) must stop the start with its name, not
+    // fail later in the middle of serving, and must not be "repaired" by writes that drop what it holds.
+    let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(format!("integrity check: {check}")),
+        ));
+    }
     // WAL lets `endpoint-agent status` read while the agent writes; FULL makes every commit durable
     // before it returns, which is what an ack to the broker promises.
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -900,8 +929,44 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(DB_FILE), vec![0x42u8; 8192]).unwrap();
         let err = Store::open(&dir, 3).err().expect("garbage must not open");
-        assert!(matches!(err, StoreError::Open(..)), "{err}");
+        assert!(matches!(err, StoreError::Damaged(..)), "{err}");
         assert!(err.to_string().contains(DB_FILE));
+    }
+
+    #[tokio::test]
+    async fn truncated_database_is_refused_and_left_alone() {
+        let dir = tempdir("truncated");
+        {
+            let (store, _) = Store::open(&dir, 3).unwrap();
+            let many: Vec<Intake> = (0..3000).map(|i| task(&format!("task-{i:05}"))).collect();
+            store.ingest(many).await.unwrap();
+        }
+        // The writer thread checkpoints and closes once the last handle is gone.
+        for _ in 0..100 {
+            if !dir.join(format!("{DB_FILE}-wal")).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let path = dir.join(DB_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 4 * 4096, "the database grew past a few pages");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let _ = std::fs::remove_file(dir.join(format!("{DB_FILE}-wal")));
+        let _ = std::fs::remove_file(dir.join(format!("{DB_FILE}-shm")));
+        let err = Store::open(&dir, 3)
+            .err()
+            .expect("a truncated database must not open");
+        assert!(matches!(err, StoreError::Damaged(..)), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes[..bytes.len() / 2],
+            "the file was not touched"
+        );
     }
 
     fn tempdir(name: &str) -> PathBuf {
