@@ -175,7 +175,12 @@ impl Subscriber {
                     }
                     Err(e) => {
                         // Not acked: the deliveries stay ours (or the broker's, if we stop) until a commit works.
-                        tracing::error!(error = %e, "cannot commit received tasks; not acking them, retrying");
+                        // Disk full was logged once by the store; other errors are worth a line each time.
+                        if e.is_disk_full() {
+                            tracing::debug!(error = %e, "disk still full; not acking received tasks, retrying");
+                        } else {
+                            tracing::error!(error = %e, "cannot commit received tasks; not acking them, retrying");
+                        }
                         tokio::select! {
                             _ = stop.cancelled() => return close(channel, &consumer).await,
                             _ = tokio::time::sleep(retry.next_delay()) => {}
@@ -183,11 +188,12 @@ impl Subscriber {
                     }
                 }
             }
+            // Committed, so the tasks may run now; should the ack be lost, the redeliveries are de-duplicated.
+            self.signals.new_tasks.notify_waiters();
             channel
                 .basic_ack(last_tag, BasicAckOptions { multiple: true })
                 .await
                 .map_err(|e| BrokerError::amqp("while acking tasks", e))?;
-            self.signals.new_tasks.notify_waiters();
         }
         close(channel, &consumer).await
     }
@@ -505,6 +511,7 @@ mod tests {
     use super::*;
     use crate::config::Overrides;
     use crate::connection::BrokerUrl;
+    use crate::raw::RawProperties;
     use crate::wire::EndpointId;
 
     fn config() -> Config {
@@ -566,6 +573,127 @@ mod tests {
             Some("bad header"),
         );
         check(Some("t"), Some("echo"), Some(Ok(5)), "x", Some("task"));
+    }
+
+    fn check_raw(props: RawProperties, want: Option<&str>, unparsable: bool) {
+        let m = RawMessage {
+            delivery_tag: 1,
+            redelivered: true,
+            properties: props,
+            body: b"hi".to_vec(),
+        };
+        let (got, bad) = classify_raw(&config(), &m);
+        assert_eq!(bad, unparsable, "{got:?}");
+        match (got, want) {
+            (None, None) => {}
+            (Some(Intake::Task(t)), Some(w)) if w.starts_with("task") => {
+                assert_eq!(format!("task {:?}", t.timeout_ms), w)
+            }
+            (Some(Intake::Rejected { reason, .. }), Some(w)) => {
+                assert!(reason.contains(w), "{reason:?} lacks {w:?}")
+            }
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn raw_classification() {
+        use crate::raw::table_entry;
+        let good = || RawProperties {
+            message_id: Some(b"t1".to_vec()),
+            kind: Some(b"echo".to_vec()),
+            headers: None,
+            delivery_mode: Some(2),
+        };
+        check_raw(good(), Some("task None"), false);
+        let timeout = table_entry(HEADER_TIMEOUT_MS.as_bytes(), b'I', &250i32.to_be_bytes());
+        check_raw(
+            RawProperties {
+                headers: Some(timeout),
+                ..good()
+            },
+            Some("task Some(250)"),
+            false,
+        );
+        check_raw(
+            RawProperties {
+                message_id: Some(b"id\xff".to_vec()),
+                ..good()
+            },
+            None,
+            true,
+        );
+        check_raw(
+            RawProperties {
+                message_id: None,
+                ..good()
+            },
+            None,
+            false,
+        );
+        check_raw(
+            RawProperties {
+                kind: Some(b"ec\xffho".to_vec()),
+                ..good()
+            },
+            Some("`type` property (the function name) is not valid UTF-8"),
+            true,
+        );
+        check_raw(
+            RawProperties {
+                headers: Some(table_entry(b"k\xfe", b'V', &[])),
+                ..good()
+            },
+            Some("header name \"k\u{fffd}\" is not valid UTF-8"),
+            true,
+        );
+        check_raw(
+            RawProperties {
+                headers: Some(table_entry(b"k", b'U', &[0, 1])),
+                ..good()
+            },
+            Some("unknown header field type 'U'"),
+            true,
+        );
+        let mut big = Vec::new();
+        for i in 0..200 {
+            big.extend(table_entry(
+                format!("h{i}").as_bytes(),
+                b'x',
+                &[&100u32.to_be_bytes()[..], &[7; 100]].concat(),
+            ));
+        }
+        check_raw(
+            RawProperties {
+                headers: Some(big),
+                ..good()
+            },
+            Some("over the limit of 16384"),
+            false,
+        );
+    }
+
+    #[test]
+    fn big_header_tables_are_rejected() {
+        let mut t = FieldTable::default();
+        t.insert("small".into(), AMQPValue::LongLongInt(1));
+        assert_eq!(table_bytes(&t), 1 + 5 + 1 + 8);
+        t.insert(
+            "big".into(),
+            AMQPValue::LongString(vec![b'x'; MAX_HEADER_BYTES].into()),
+        );
+        let got = classify(
+            &config(),
+            Some("t"),
+            Some("echo"),
+            None,
+            table_bytes(&t),
+            b"x",
+        );
+        assert!(
+            matches!(&got, Some(Intake::Rejected { reason, .. }) if reason.contains("over the limit")),
+            "{got:?}"
+        );
     }
 
     #[test]
