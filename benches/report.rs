@@ -185,6 +185,7 @@ pub fn table(rows: &[Row]) -> String {
         "max ms",
         "cpu/1k",
         "rss MiB",
+        "sum rss",
         "ratio"
     );
     for r in rows {
