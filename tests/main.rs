@@ -2,6 +2,9 @@
 //! Every scenario counts task ids and results; none asserts on timing or log text.
 
 mod bad_input;
+mod broker_faults;
+mod chaos;
+mod disk;
 mod faults;
 mod lifecycle;
 mod roundtrip;

@@ -1,6 +1,8 @@
-//! A TCP proxy between an agent and the broker, for fault injection. Modes: `Pass` forwards bytes; `cut`
-//! resets every open connection (new ones still go through while in `Pass`); `Blackhole` keeps sockets open
-//! but forwards nothing, so only AMQP heartbeats can notice. Runs on the test's tokio runtime.
+//! A TCP proxy between an agent and the broker, for fault injection. Modes: `Pass` forwards bytes; `Cut`
+//! drops every open connection and every new one until the mode changes (a network outage; `cut()` is a
+//! one-off: it drops the open ones and new ones go through); `Blackhole` keeps sockets open but forwards
+//! nothing, so only AMQP heartbeats can notice. Counts the connections it accepted. Runs on the test's tokio
+//! runtime.
 
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -11,6 +13,7 @@ use tokio::task::JoinHandle;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Pass,
+    Cut,
     Blackhole,
 }
 
@@ -19,6 +22,7 @@ pub struct Proxy {
     mode: watch::Sender<Mode>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Proxy {
@@ -27,10 +31,18 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy addr").to_string();
         let (mode, mode_rx) = watch::channel(Mode::Pass);
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accepted: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let accept = tokio::spawn({
             let conns = conns.clone();
+            let accepted = accepted.clone();
+            let mode_now = mode_rx.clone();
             async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if *mode_now.borrow() == Mode::Cut {
+                        drop(client);
+                        continue;
+                    }
                     let upstream = upstream.clone();
                     let mode = mode_rx.clone();
                     let handle = tokio::spawn(async move {
@@ -52,6 +64,7 @@ impl Proxy {
             mode,
             conns,
             accept,
+            accepted,
         }
     }
 
@@ -62,8 +75,17 @@ impl Proxy {
         }
     }
 
+    /// `Cut` also drops the connections open now.
     pub fn set_mode(&self, mode: Mode) {
         self.mode.send_replace(mode);
+        if mode == Mode::Cut {
+            self.cut();
+        }
+    }
+
+    /// Connections accepted so far (including those dropped in `Cut` mode): each one the agent opened.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -82,7 +104,12 @@ async fn pump(
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // In blackhole mode read nothing, so nothing moves either way until the mode changes back.
-        while *mode.borrow_and_update() == Mode::Blackhole {
+        loop {
+            match *mode.borrow_and_update() {
+                Mode::Blackhole => {}
+                Mode::Cut => return,
+                Mode::Pass => break,
+            }
             if mode.changed().await.is_err() {
                 return;
             }

@@ -1,15 +1,20 @@
 //! Test support for the end-to-end scenarios in `main.rs`: a broker vhost per test run, unique endpoints,
 //! the real `endpoint-agent` binary as a child process (SIGTERM, SIGKILL, restart on the same data dir), a
-//! service-side client that provisions, submits and collects results, and a TCP proxy that cuts or
-//! blackholes the agent's connections. Talks to a real RabbitMQ; never mocks it.
+//! service-side client that provisions, submits and collects results (and reconnects after a broker restart),
+//! and the fault harness: a TCP proxy that cuts or blackholes the agent's connections (`proxy`), a broker
+//! restart and a memory alarm (`rabbitmqctl`, under a broker-wide lock so they never hit a parallel test),
+//! forced closes of the agent's connections, and a tiny tmpfs data dir with a ballast file for a full disk.
+//! Talks to a real RabbitMQ; never mocks it. Every fault is undone by a Drop guard, also when a test panics.
 
 pub mod proxy;
 
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use service_setup::{ResultRecord, Submitter, TaskSpec};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -305,8 +310,38 @@ impl Drop for Agent {
     }
 }
 
-/// The service side of one test: provisions the endpoint, submits tasks and collects its results from a
-/// queue of its own bound to the `results` exchange with `<EP>.results` (declared before any submission).
+/// Broker-wide faults (a broker restart, a resource alarm) hit every test of this binary at once, and cargo runs
+/// tests on parallel threads. Ordinary scenarios hold this lock shared for their whole life (inside [`Service`]);
+/// a scenario that stops the broker or raises an alarm holds it exclusively. A tokio lock in a static works
+/// across the per-test runtimes.
+static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A test's hold on the broker: shared (ordinary scenario) or exclusive (broker-global faults allowed).
+pub enum BrokerLock {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl BrokerLock {
+    pub async fn shared() -> BrokerLock {
+        BrokerLock::Shared(BROKER.read().await)
+    }
+
+    pub async fn exclusive() -> BrokerLock {
+        BrokerLock::Exclusive(BROKER.write().await)
+    }
+
+    fn assert_exclusive(&self, what: &str) {
+        assert!(
+            matches!(self, BrokerLock::Exclusive(_)),
+            "{what} affects every test on the broker: provision with Service::provision_exclusive"
+        );
+    }
+}
+
+/// The service side of one test: provisions the endpoint, submits tasks and collects its results from a durable
+/// queue of its own bound to the `results` exchange with `<EP>.results` (declared before any submission). The
+/// connection is reopened after a broker restart or a forced close; the queue keeps what arrived meanwhile.
 pub struct Service {
     pub conn: Connection,
     pub endpoint: EndpointId,
@@ -315,52 +350,94 @@ pub struct Service {
     _channel: Channel,
     /// Every result received, by task id, in arrival order.
     pub received: BTreeMap<String, Vec<ResultRecord>>,
+    /// Results the broker delivered to this service again because its ack was lost with its connection (they
+    /// are also in `received`): consumer-side duplicates, not the agent's.
+    pub redelivered_to_service: u64,
+    /// How often the service side reconnected.
+    pub reconnects: u64,
+    broker: BrokerLock,
+}
+
+/// Opens the service's connection, submitter and results consumer (declaring and binding its queue).
+async fn open_service(
+    endpoint: &EndpointId,
+) -> Result<(Connection, Submitter, Channel, lapin::Consumer), String> {
+    let url = endpoint_agent::connection::BrokerUrl::new(url()).map_err(|e| e.to_string())?;
+    let conn = endpoint_agent::connection::connect(&url, "test service")
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    let queue = format!("test-results-{endpoint}");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("declare result queue: {e}"))?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            wire::RESULTS_EXCHANGE.into(),
+            endpoint.results_routing_key().as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("bind result queue: {e}"))?;
+    channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await
+        .map_err(|e| format!("qos: {e}"))?;
+    let results = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| format!("consume results: {e}"))?;
+    let submitter = Submitter::new(&conn)
+        .await
+        .map_err(|e| format!("submitter: {e}"))?;
+    Ok((conn, submitter, channel, results))
 }
 
 impl Service {
+    /// Provisions `endpoint` for an ordinary scenario (broker lock shared).
     pub async fn provision(endpoint: &EndpointId, heartbeat_secs: u16) -> Service {
+        Service::provision_with(endpoint, heartbeat_secs, BrokerLock::shared().await).await
+    }
+
+    /// Provisions `endpoint` for a scenario that restarts the broker or raises an alarm: waits until no other
+    /// scenario uses the broker and keeps it to itself.
+    pub async fn provision_exclusive(endpoint: &EndpointId, heartbeat_secs: u16) -> Service {
+        Service::provision_with(endpoint, heartbeat_secs, BrokerLock::exclusive().await).await
+    }
+
+    async fn provision_with(
+        endpoint: &EndpointId,
+        heartbeat_secs: u16,
+        broker: BrokerLock,
+    ) -> Service {
         let conn = endpoint_agent::connection::connect(
             &endpoint_agent::connection::BrokerUrl::new(url()).expect("test url"),
-            "test service",
+            "test service provisioning",
         )
         .await
         .expect("test service connects");
         service_setup::provision(&conn, endpoint, heartbeat_secs)
             .await
             .expect("provision");
-        let channel = conn.create_channel().await.expect("channel");
-        let queue = format!("test-results-{endpoint}");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let _ = conn.close(200, "provisioned".into()).await;
+        let (conn, submitter, channel, results) = open_service(endpoint)
             .await
-            .expect("declare result queue");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                wire::RESULTS_EXCHANGE.into(),
-                endpoint.results_routing_key().as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind result queue");
-        let results = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume results");
-        let submitter = Submitter::new(&conn).await.expect("submitter");
+            .unwrap_or_else(|e| panic!("test service cannot open its connection: {e}"));
         Service {
             conn,
             endpoint: endpoint.clone(),
@@ -368,18 +445,61 @@ impl Service {
             results,
             _channel: channel,
             received: BTreeMap::new(),
+            redelivered_to_service: 0,
+            reconnects: 0,
+            broker,
         }
     }
 
-    pub async fn submit(&self, tasks: Vec<TaskSpec>) -> Vec<String> {
+    /// Reopens the connection, retrying for up to two minutes (a broker restart takes a few seconds).
+    async fn reconnect(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            match open_service(&self.endpoint).await {
+                Ok((conn, submitter, channel, results)) => {
+                    let old = std::mem::replace(&mut self.conn, conn);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "".into()))
+                        .await;
+                    self.submitter = submitter;
+                    self._channel = channel;
+                    self.results = results;
+                    self.reconnects += 1;
+                    return;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    panic!("the test service cannot reconnect to the broker: {e}")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Submits `tasks` (ids are assigned here when absent, so a retry after a lost connection republishes the
+    /// same ids: the agent answers a task id once) and returns their ids.
+    pub async fn submit(&mut self, tasks: Vec<TaskSpec>) -> Vec<String> {
+        let mut tasks = tasks;
+        for t in &mut tasks {
+            t.task_id.get_or_insert_with(service_setup::new_task_id);
+        }
         let mut ids = Vec::new();
         for chunk in tasks.chunks(500) {
-            ids.extend(
-                self.submitter
-                    .submit(&self.endpoint, chunk.to_vec())
-                    .await
-                    .expect("submit"),
-            );
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                match self.submitter.submit(&self.endpoint, chunk.to_vec()).await {
+                    Ok(got) => {
+                        ids.extend(got);
+                        break;
+                    }
+                    Err(e)
+                        if (e.is_transient() || !self.conn.status().connected())
+                            && Instant::now() < deadline =>
+                    {
+                        self.reconnect().await;
+                    }
+                    Err(e) => panic!("submit: {e}"),
+                }
+            }
         }
         ids
     }
@@ -387,52 +507,52 @@ impl Service {
     /// Waits until every id in `ids` has at least one result, or panics after `limit` naming what is missing.
     pub async fn await_results(&mut self, ids: &[String], limit: Duration, agent_logs: &[&Agent]) {
         let deadline = Instant::now() + limit;
-        let want: BTreeSet<&String> = ids.iter().collect();
         loop {
-            let missing = want
-                .iter()
-                .filter(|id| !self.received.contains_key(**id))
-                .count();
+            let missing = self.missing(ids);
             if missing == 0 {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let logs: String = agent_logs
-                    .iter()
-                    .map(|a| a.log_text())
-                    .collect::<Vec<_>>()
-                    .join("\n----\n");
-                let tail: String = logs
-                    .lines()
-                    .rev()
-                    .take(60)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
                 panic!(
-                    "{missing} of {} tasks have no result after {limit:?}; agent log tail:\n{tail}",
-                    want.len()
+                    "{missing} of {} tasks have no result after {limit:?}; agent log tail:\n{}",
+                    ids.len(),
+                    log_tail(agent_logs, 60)
                 );
             }
             self.poll(left.min(Duration::from_millis(500))).await;
         }
     }
 
-    /// Receives whatever results arrive within `wait`.
+    /// How many of `ids` have no result yet.
+    pub fn missing(&self, ids: &[String]) -> usize {
+        ids.iter()
+            .filter(|id| !self.received.contains_key(*id))
+            .count()
+    }
+
+    /// Receives whatever results arrive within `wait`, reconnecting if the broker went away.
     pub async fn poll(&mut self, wait: Duration) {
         let deadline = Instant::now() + wait;
-        while let Ok(Some(Ok(d))) = tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            self.results.next(),
-        )
-        .await
-        {
-            let r = ResultRecord::from_delivery(&d);
-            d.ack(BasicAckOptions::default()).await.expect("ack result");
-            self.received.entry(r.task_id.clone()).or_default().push(r);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.results.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(d))) => {
+                    let r = ResultRecord::from_delivery(&d);
+                    if d.redelivered && self.received.contains_key(&r.task_id) {
+                        self.redelivered_to_service += 1;
+                    }
+                    self.received.entry(r.task_id.clone()).or_default().push(r);
+                    if d.ack(BasicAckOptions::default()).await.is_err() {
+                        self.reconnect().await;
+                    }
+                }
+                Ok(Some(Err(_)) | None) => self.reconnect().await,
+            }
+            if left.is_zero() {
+                return;
+            }
         }
     }
 
@@ -442,6 +562,322 @@ impl Service {
             .get(id)
             .and_then(|v| v.first())
             .unwrap_or_else(|| panic!("no result for {id}"))
+    }
+
+    /// Results received beyond the first per task id (at-least-once duplicates).
+    pub fn duplicates(&self) -> usize {
+        self.received.values().map(|v| v.len() - 1).sum()
+    }
+
+    /// Every duplicate must be the same result: same task id, status, attempts and body (both copies come from
+    /// one stored row). Panics naming the first task whose copies differ.
+    pub fn assert_duplicates_identical(&self) {
+        for (id, copies) in &self.received {
+            for c in copies {
+                assert_eq!(&c.task_id, id, "a result keyed {id} carries another id");
+                assert_eq!(
+                    (&c.status, c.attempts, &c.body),
+                    (&copies[0].status, copies[0].attempts, &copies[0].body),
+                    "two different results for task {id}"
+                );
+            }
+        }
+    }
+
+    /// The latest heartbeat's state as the service reads it (`running`, `disk_full`, ...), if any.
+    pub async fn heartbeat_state(&self) -> Option<String> {
+        let status = service_setup::endpoint_status(&self.conn, &self.endpoint)
+            .await
+            .ok()?;
+        let beat = status.last_heartbeat?;
+        serde_json::to_value(beat.state)
+            .ok()?
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Stops the broker application (`rabbitmqctl stop_app`), waits `down`, starts it again and waits until AMQP
+    /// answers. Needs [`Service::provision_exclusive`]. The broker is started again even if this panics.
+    pub async fn restart_broker(&mut self, down: Duration) {
+        self.broker.assert_exclusive("a broker restart");
+        let stopped = BrokerStopped::stop().await;
+        tokio::time::sleep(down).await;
+        stopped.start().await;
+    }
+
+    /// Raises a memory alarm on the broker (high watermark 0): every connection that publishes is blocked until
+    /// the returned guard is cleared or dropped. Needs [`Service::provision_exclusive`].
+    pub async fn memory_alarm(&self) -> MemoryAlarm {
+        self.broker.assert_exclusive("a resource alarm");
+        MemoryAlarm::raise().await
+    }
+}
+
+/// The last `n` lines of the agents' logs, for failure messages.
+pub fn log_tail(agents: &[&Agent], n: usize) -> String {
+    let logs: String = agents
+        .iter()
+        .map(|a| a.log_text())
+        .collect::<Vec<_>>()
+        .join("\n----\n");
+    let lines: Vec<&str> = logs.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+async fn rabbitmqctl_async(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rabbitmqctl(&args)
+    })
+    .await
+    .expect("rabbitmqctl thread")
+}
+
+/// The broker application stopped; started again when dropped (also on panic).
+struct BrokerStopped {
+    started: bool,
+}
+
+impl BrokerStopped {
+    async fn stop() -> BrokerStopped {
+        vhost();
+        rabbitmqctl_async(&["stop_app"]).await;
+        BrokerStopped { started: false }
+    }
+
+    async fn start(mut self) {
+        rabbitmqctl_async(&["start_app"]).await;
+        self.started = true;
+        wait_for_amqp().await;
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            let _ = rabbitmqctl_command().arg("start_app").status();
+        }
+    }
+}
+
+/// Waits until the broker accepts an AMQP connection on this run's vhost (up to two minutes).
+async fn wait_for_amqp() {
+    let url = endpoint_agent::connection::BrokerUrl::new(url()).expect("test url");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match endpoint_agent::connection::connect(&url, "test broker probe").await {
+            Ok(conn) => {
+                let _ = conn.close(200, "".into()).await;
+                return;
+            }
+            Err(e) if Instant::now() > deadline => {
+                panic!("the broker did not come back after start_app: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// A broker memory alarm: `set_vm_memory_high_watermark 0` blocks every publishing connection. The previous
+/// watermark is restored by [`MemoryAlarm::clear`] or on drop (also on panic).
+pub struct MemoryAlarm {
+    previous: Vec<String>,
+    cleared: bool,
+}
+
+impl MemoryAlarm {
+    async fn raise() -> MemoryAlarm {
+        let now =
+            rabbitmqctl_async(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]).await;
+        let previous = watermark_args(now.trim());
+        let alarm = MemoryAlarm {
+            previous,
+            cleared: false,
+        };
+        rabbitmqctl_async(&["set_vm_memory_high_watermark", "0"]).await;
+        for _ in 0..100 {
+            if memory_alarm_on().await {
+                return alarm;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the broker raised no memory alarm after set_vm_memory_high_watermark 0");
+    }
+
+    pub async fn clear(mut self) {
+        let args: Vec<&str> = std::iter::once("set_vm_memory_high_watermark")
+            .chain(self.previous.iter().map(String::as_str))
+            .collect();
+        rabbitmqctl_async(&args).await;
+        self.cleared = true;
+        for _ in 0..100 {
+            if !memory_alarm_on().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the broker's memory alarm did not clear");
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        if !self.cleared {
+            let _ = rabbitmqctl_command()
+                .arg("set_vm_memory_high_watermark")
+                .args(&self.previous)
+                .status();
+        }
+    }
+}
+
+async fn memory_alarm_on() -> bool {
+    rabbitmqctl_async(&["eval", "rabbit_alarm:get_alarms()."])
+        .await
+        .contains("memory")
+}
+
+/// `rabbitmqctl set_vm_memory_high_watermark` arguments restoring `current` (the output of
+/// `vm_memory_monitor:get_vm_memory_high_watermark()`: `0.4` or `{absolute,N}`). A value near zero is what a
+/// crashed earlier run left behind: the default 0.4 is restored instead.
+fn watermark_args(current: &str) -> Vec<String> {
+    if let Some(n) = current
+        .strip_prefix("{absolute,")
+        .and_then(|r| r.strip_suffix('}'))
+    {
+        return vec!["absolute".into(), n.trim().into()];
+    }
+    match current.parse::<f64>() {
+        Ok(f) if f >= 0.05 => vec![current.to_owned()],
+        _ => vec!["0.4".into()],
+    }
+}
+
+/// Closes (`rabbitmqctl close_connection`) the agent connections of `ep` whose name ends with `kind`
+/// (`subscriber`, `publisher`, `registration`, or "" for all). Returns how many were closed.
+pub async fn close_agent_connections(ep: &EndpointId, kind: &str) -> usize {
+    // Tab-separated rows: `<rabbit@host.N.M.0>\t[..., {"connection_name","endpoint-agent EP subscriber"}, ...]`.
+    let listing = rabbitmqctl_async(&[
+        "list_connections",
+        "--quiet",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ])
+    .await;
+    let wanted = format!("{{\"connection_name\",\"endpoint-agent {ep} {kind}");
+    let mut closed = 0;
+    for line in listing.lines() {
+        let Some((pid, props)) = line.split_once('\t') else {
+            continue;
+        };
+        if !props.contains(&wanted) {
+            continue;
+        }
+        let out = rabbitmqctl_command()
+            .args(["close_connection", pid.trim(), "test: forced close"])
+            .output();
+        if out.is_ok_and(|o| o.status.success()) {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// A tiny tmpfs mounted at a directory (the agent's data dir), with a ballast file that fills it to simulate
+/// a full disk. Unmounted when dropped (the agent using it must be gone by then).
+pub struct TinyFs {
+    pub dir: PathBuf,
+}
+
+impl TinyFs {
+    /// Mounts a tmpfs of `size_kib` at `dir` (created). Needs root.
+    pub fn mount(dir: &Path, size_kib: u64) -> TinyFs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("cannot run mount: the disk-full scenario needs `mount -t tmpfs` (root)");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs failed (the disk-full scenario needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TinyFs {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn ballast_path(&self) -> PathBuf {
+        self.dir.join("ballast")
+    }
+
+    /// Writes a ballast file until the filesystem has no room left; returns its size.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.ballast_path())
+            .expect("ballast file");
+        let mut written = 0u64;
+        for chunk in [64 * 1024, 4096, 512, 1] {
+            let buf = vec![0u8; chunk];
+            while f.write_all(&buf).is_ok() {
+                written += chunk as u64;
+            }
+        }
+        let _ = f.sync_all();
+        written
+    }
+
+    /// Deletes the ballast: space returns.
+    pub fn free(&self) {
+        let _ = std::fs::remove_file(self.ballast_path());
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        self.free();
+        for _ in 0..50 {
+            let ok = Command::new("umount")
+                .arg(&self.dir)
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A small deterministic random number generator (SplitMix64), so a chaos run is repeatable from its seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..hi` (`lo` when the range is empty).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + self.next_u64() % (hi - lo)
     }
 }
 
