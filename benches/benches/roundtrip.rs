@@ -576,6 +576,21 @@ impl Bench {
     }
 }
 
+async fn interrupted() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut t) => {
+                t.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
 fn machine() -> Value {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
@@ -637,7 +652,12 @@ async fn run(args: Args) -> Result<()> {
         endpoints: BTreeMap::new(),
     };
     let ticker = bench.progress.spawn();
-    let result = measure_all(&mut bench, &plan, &args, &out).await;
+    // On Ctrl-C or SIGTERM the measurement future is dropped: agent processes are killed (AgentProc's Drop),
+    // raw clients go with the runtime, and the vhost is still deleted below.
+    let result = tokio::select! {
+        r = measure_all(&mut bench, &plan, &args, &out) => r,
+        _ = interrupted() => Err(anyhow::anyhow!("interrupted: nothing was written")),
+    };
     ticker.abort();
     bench.progress.clear();
     let _ = std::fs::remove_dir_all(&data);
