@@ -358,10 +358,17 @@ impl Service {
     /// Empties the shared durable `results` queue (every result is routed there too, as in production), so
     /// runs do not pile results up in the broker.
     pub async fn purge_shared_results(&self) -> Result<()> {
-        self.channel
+        // A channel of its own: a failure here must not take the results consumer's channel with it.
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .context("while opening a channel to purge the shared results queue")?;
+        channel
             .queue_purge(wire::RESULTS_QUEUE.into(), QueuePurgeOptions::default())
             .await
             .context("while purging the shared results queue")?;
+        let _ = channel.close(200, "purged".into()).await;
         Ok(())
     }
 
