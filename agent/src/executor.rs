@@ -5,6 +5,7 @@
 use crate::config::{CommandSpec, Config, Function};
 use crate::store::{ClaimedTask, Store, TaskResult};
 use crate::wire::Status;
+use std::collections::VecDeque;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -288,8 +289,35 @@ pub struct Signals {
     pub new_results: Notify,
 }
 
-/// One executor slot: claim a task, run it, store its result (and claim the next in the same commit), until
-/// `stop` (no new tasks; the running one finishes) or `kill` (the running one is killed and requeued).
+/// Most tasks one slot claims in one commit (when tasks are short and the queue is deep).
+const MAX_CLAIM: usize = 32;
+/// Tasks shorter than this on average are claimed several per commit: a commit (an fsync) costs about as much.
+const SHORT_TASK: Duration = Duration::from_millis(1);
+/// Results of a claimed batch are stored as soon as the oldest waited this long, even if the batch goes on.
+const FLUSH_AFTER: Duration = Duration::from_millis(2);
+
+/// How many tasks to claim in one commit: one unless tasks are short, else a share of the queue small enough
+/// that the other slots get theirs (fairness) and a crash makes few suspects.
+fn claim_size(recent_mean: Option<Duration>, queued: u64, workers: usize) -> usize {
+    match recent_mean {
+        Some(mean) if mean < SHORT_TASK => {
+            let share = queued / (2 * workers.max(1) as u64);
+            usize::try_from(share)
+                .unwrap_or(MAX_CLAIM)
+                .clamp(1, MAX_CLAIM)
+        }
+        _ => 1,
+    }
+}
+
+/// One executor slot: claim tasks, run them one by one, store their results (and claim the next tasks in the
+/// same commit), until `stop` (no new tasks; the running one finishes, claimed ones not started go back) or
+/// `kill` (the running one is killed and requeued).
+///
+/// Short tasks are claimed several at a time (see [`claim_size`]), so that one commit stores many results
+/// and claims many tasks; every claimed task's attempt is committed before the first of them runs, and every
+/// result is committed before the publisher can see it. An idle slot parks its claim in the store, which
+/// claims for it in the commit that queues new tasks.
 pub async fn worker(
     config: Arc<Config>,
     store: Store,
@@ -297,52 +325,96 @@ pub async fn worker(
     stop: CancellationToken,
     kill: CancellationToken,
 ) {
-    let mut finished_task: Option<TaskResult> = None;
+    let mut claimed: VecDeque<ClaimedTask> = VecDeque::new();
+    // Finished, not yet stored; `unsaved_since` is when the oldest of them finished.
+    let mut unsaved: Vec<TaskResult> = Vec::new();
+    let mut unsaved_since: Option<Instant> = None;
+    // Mean run time of the last claimed batch, to size the next claim.
+    let mut recent_mean: Option<Duration> = None;
+    let (mut batch_time, mut batch_runs) = (Duration::ZERO, 0u32);
     let mut retry =
         crate::connection::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        let notified = signals.new_tasks.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let want = !stop.is_cancelled();
-        let had_result = finished_task.is_some();
-        let claimed = match store.finish_and_claim(finished_task.clone(), want).await {
-            Ok(c) => {
-                finished_task = None;
-                retry.reset();
-                c
-            }
-            Err(e) => {
-                // Disk full or similar: keep the result in memory and try again; never drop it.
-                tracing::error!(error = %e, "cannot store a result or claim a task; retrying");
-                tokio::select! {
-                    _ = kill.cancelled() => return,
-                    _ = tokio::time::sleep(retry.next_delay()) => continue,
+        let stopping = stop.is_cancelled();
+        let flush_due = unsaved_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER);
+        if claimed.is_empty() || flush_due || stopping {
+            let want = if claimed.is_empty() && !stopping {
+                if batch_runs > 0 {
+                    recent_mean = Some(batch_time / batch_runs);
+                    (batch_time, batch_runs) = (Duration::ZERO, 0);
+                }
+                claim_size(recent_mean, store.counts().borrow().queued, config.workers)
+            } else {
+                0
+            };
+            if !unsaved.is_empty() || want > 0 {
+                match store.finish_and_claim(unsaved.clone(), want).await {
+                    Ok(tasks) => {
+                        if !unsaved.is_empty() {
+                            signals.new_results.notify_one();
+                        }
+                        unsaved.clear();
+                        unsaved_since = None;
+                        claimed.extend(tasks);
+                        retry.reset();
+                    }
+                    Err(e) => {
+                        // Disk full or similar: keep the results in memory and try again; never drop them.
+                        tracing::error!(error = %e, "cannot store results or claim tasks; retrying");
+                        tokio::select! {
+                            _ = kill.cancelled() => return,
+                            _ = tokio::time::sleep(retry.next_delay()) => continue,
+                        }
+                    }
                 }
             }
-        };
-        if had_result {
-            signals.new_results.notify_one();
-        }
-        let Some(task) = claimed else {
-            if !want {
+            if stopping {
+                requeue(&store, claimed.drain(..).map(|t| t.task_id).collect()).await;
                 return;
             }
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if claimed.is_empty() {
+                // Nothing queued: park a claim in the store until tasks arrive (nothing unsaved here).
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    r = store.wait_and_claim(want.max(1)) => match r {
+                        Ok(tasks) => {
+                            claimed.extend(tasks);
+                            retry.reset();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot claim tasks; retrying");
+                            tokio::select! {
+                                _ = kill.cancelled() => return,
+                                _ = tokio::time::sleep(retry.next_delay()) => {}
+                            }
+                        }
+                    },
+                }
+                continue;
             }
+        }
+        let Some(task) = claimed.pop_front() else {
             continue;
         };
         let started = Instant::now();
         tracing::debug!(task_id = %task.task_id, function = %task.function, attempt = task.attempts, "running");
         match execute(&config, &task, &kill).await {
             Outcome::Interrupted => {
-                if let Err(e) = store.requeue(task.task_id.clone()).await {
-                    // It stays `running` on disk and is rerun at the next start (counted as an attempt).
-                    tracing::warn!(task_id = %task.task_id, error = %e, "cannot requeue an interrupted task");
+                // Store what finished before, then hand back the interrupted task and those never started.
+                if !unsaved.is_empty() {
+                    match store
+                        .finish_and_claim(std::mem::take(&mut unsaved), 0)
+                        .await
+                    {
+                        Ok(_) => signals.new_results.notify_one(),
+                        // Those tasks stay `running` on disk and run again at the next start.
+                        Err(e) => tracing::warn!(error = %e, "cannot store finished results"),
+                    }
                 }
+                let ids = std::iter::once(task.task_id)
+                    .chain(claimed.drain(..).map(|t| t.task_id))
+                    .collect();
+                requeue(&store, ids).await;
                 return;
             }
             Outcome::Finished {
@@ -350,17 +422,28 @@ pub async fn worker(
                 exit_code,
                 body,
             } => {
+                let took = started.elapsed();
                 tracing::debug!(task_id = %task.task_id, %status, "finished");
-                finished_task = Some(TaskResult {
+                batch_time += took;
+                batch_runs += 1;
+                unsaved_since.get_or_insert_with(Instant::now);
+                unsaved.push(TaskResult {
                     task_id: task.task_id,
                     status,
                     exit_code,
                     attempts: task.attempts,
-                    duration_ms: started.elapsed().as_millis() as u64,
+                    duration_ms: took.as_millis() as u64,
                     body,
                 });
             }
         }
+    }
+}
+
+async fn requeue(store: &Store, task_ids: Vec<String>) {
+    if let Err(e) = store.requeue(task_ids).await {
+        // They stay `running` on disk and are rerun at the next start (counted as an attempt).
+        tracing::warn!(error = %e, "cannot requeue interrupted tasks");
     }
 }
 

@@ -6,19 +6,29 @@
 use crate::config::Config;
 use crate::connection::{Backoff, BrokerError};
 use crate::executor::Signals;
-use crate::store::{Store, TaskResult};
+use crate::store::{Reader, Store, StoreError, TaskResult};
 use crate::wire::{self, AgentState, Heartbeat};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Results published per round of confirms.
-const BATCH: usize = 512;
+/// Results published and not yet confirmed, at most.
+const WINDOW: usize = 1024;
+/// Results read from the store at a time.
+const READ: usize = 256;
+
+/// A published result waiting for the broker's confirm.
+struct InFlight {
+    id: i64,
+    task_id: String,
+    confirm: PublisherConfirm,
+}
 
 pub(crate) struct Publisher {
     pub config: Arc<Config>,
@@ -46,6 +56,12 @@ async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel, Broke
 impl Publisher {
     /// Publishes pending results as they appear. Returns Ok once `drain` is cancelled and nothing is pending,
     /// or the error that broke the connection.
+    ///
+    /// Pipelined: results are published while earlier confirms are outstanding (up to [`WINDOW`]), read from
+    /// the store by row id past the last one published (`cursor`), and marked published as their confirms
+    /// arrive, every confirm that has arrived in one `mark_published` commit, which runs while publishing goes
+    /// on. A result refused by the broker (or whose mark failed) stays pending below the cursor: once nothing
+    /// is in flight the cursor goes back to the start and it is published again, after a backoff.
     pub async fn run(
         &self,
         conn: &Connection,
@@ -53,101 +69,165 @@ impl Publisher {
     ) -> Result<(), BrokerError> {
         let channel = confirm_channel(conn, "publisher").await?;
         let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut cursor: i64 = 0;
+        // Some result at or below the cursor is still pending (refused, or its mark failed).
+        let mut rescan = false;
+        let mut acked: Vec<i64> = Vec::new();
+        let mut marking: Option<Marking> = None;
+        let mut reader: Option<Reader> = None;
         let mut blocked = self.blocked.clone();
         loop {
             // While the broker blocks us, publish nothing: results stay on disk and nothing piles up in the
-            // client's buffers. A shutdown meanwhile leaves them pending for the next start.
-            while blocked.borrow_and_update().is_some() {
-                if blocked.changed().await.is_err() {
-                    return Ok(());
+            // client's buffers. A shutdown meanwhile leaves them pending for the next start. Confirms and marks
+            // already under way are seen through first.
+            let is_blocked = blocked.borrow_and_update().is_some();
+            if is_blocked && in_flight.is_empty() && acked.is_empty() && marking.is_none() {
+                while blocked.borrow_and_update().is_some() {
+                    if blocked.changed().await.is_err() {
+                        return Ok(());
+                    }
                 }
+                continue;
             }
             let notified = self.signals.new_results.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let pending = match self.store.pending_results(BATCH).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read pending results; retrying");
-                    tokio::time::sleep(failures.next_delay()).await;
-                    continue;
+            if rescan && in_flight.is_empty() && acked.is_empty() && marking.is_none() {
+                cursor = 0;
+                rescan = false;
+            }
+            let mut read_all = true;
+            // With a rescan due, nothing new goes out until everything in flight is settled and the cursor is
+            // back at the start, so that a refused result cannot be overtaken forever under a steady load.
+            if !is_blocked && !rescan && in_flight.len() < WINDOW {
+                let limit = READ.min(WINDOW - in_flight.len());
+                let pending = match read_pending(&mut reader, &self.config, cursor, limit).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read pending results; retrying");
+                        tokio::time::sleep(failures.next_delay()).await;
+                        continue;
+                    }
+                };
+                read_all = pending.len() < limit;
+                if let Some((last, _)) = pending.last() {
+                    cursor = *last;
                 }
-            };
-            if pending.is_empty() {
-                if drain.is_cancelled() {
-                    return Ok(());
+                for (id, r) in pending {
+                    let confirm = self.publish_result(&channel, &r).await?;
+                    in_flight.push_back(InFlight {
+                        id,
+                        task_id: r.task_id,
+                        confirm,
+                    });
                 }
-                tokio::select! {
-                    _ = &mut notified => {}
-                    _ = drain.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if marking.is_none() && !acked.is_empty() {
+                marking = Some(start_marking(&self.store, std::mem::take(&mut acked)));
+            }
+            if in_flight.is_empty() && marking.is_none() {
+                if read_all && !rescan {
+                    if drain.is_cancelled() {
+                        return Ok(());
+                    }
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = drain.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
                 continue;
             }
-            let (acked, refused) = self.publish_batch(&channel, &pending).await?;
-            if let Err(e) = self.store.mark_published(acked).await {
-                // They stay pending and go out again: a duplicate result is harmless, a lost one is not.
-                tracing::error!(error = %e, "cannot mark results published; they will be published again");
-            }
-            if refused > 0 {
-                let delay = failures.next_delay();
-                tracing::warn!(
-                    refused,
-                    ?delay,
-                    "the broker did not take some results; they stay pending"
-                );
-                // Not cut short by `drain`: while draining, a refusal would otherwise be retried in a hot loop.
-                tokio::time::sleep(delay).await;
-            } else {
-                failures.reset();
+            let room = in_flight.len() < WINDOW;
+            tokio::select! {
+                biased;
+                c = async { (&mut in_flight.front_mut().expect("checked non-empty").confirm).await }, if !in_flight.is_empty() => {
+                    let head = in_flight.pop_front().expect("checked non-empty");
+                    let mut refused = self.settle(head, c, &mut acked)?;
+                    // Everything else already confirmed joins this group.
+                    while let Some(next) = in_flight.front_mut() {
+                        let Some(c) = futures_lite::future::poll_once(&mut next.confirm).await else {
+                            break;
+                        };
+                        let next = in_flight.pop_front().expect("checked non-empty");
+                        refused += self.settle(next, c, &mut acked)?;
+                    }
+                    if refused > 0 {
+                        rescan = true;
+                        let delay = failures.next_delay();
+                        tracing::warn!(
+                            refused,
+                            ?delay,
+                            "the broker did not take some results; they stay pending"
+                        );
+                        // Not cut short by `drain`: while draining, a refusal would otherwise be retried in a
+                        // hot loop.
+                        tokio::time::sleep(delay).await;
+                    } else {
+                        failures.reset();
+                    }
+                }
+                r = async { marking.as_mut().expect("checked some").await }, if marking.is_some() => {
+                    marking = None;
+                    if let Err(e) = r {
+                        // They stay pending and go out again: a duplicate result is harmless, a lost one is not.
+                        tracing::error!(error = %e, "cannot mark results published; they will be published again");
+                        rescan = true;
+                        tokio::time::sleep(failures.next_delay()).await;
+                    }
+                }
+                _ = &mut notified, if room && read_all => {}
+                _ = std::future::ready(()), if room && !read_all => {}
             }
         }
     }
 
-    /// Publishes every result, then awaits every confirm (pipelined). Returns the row ids the broker acked
-    /// and routed, and how many it nacked or returned.
-    async fn publish_batch(
+    /// Publishes one result (`mandatory`, persistent); returns its pending confirm.
+    async fn publish_result(
         &self,
         channel: &Channel,
-        pending: &[(i64, TaskResult)],
-    ) -> Result<(Vec<i64>, usize), BrokerError> {
+        r: &TaskResult,
+    ) -> Result<PublisherConfirm, BrokerError> {
         let ep = &self.config.endpoint_id;
-        let routing_key: ShortString = ep.results_routing_key().into();
-        let lost = |e| BrokerError::amqp("while publishing results", e);
-        let mut confirms = Vec::with_capacity(pending.len());
-        for (id, r) in pending {
-            let confirm = channel
-                .basic_publish(
-                    wire::RESULTS_EXCHANGE.into(),
-                    routing_key.clone(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &r.body,
-                    result_properties(ep.as_str(), r),
-                )
-                .await
-                .map_err(lost)?;
-            confirms.push((*id, &r.task_id, confirm));
-        }
-        let mut acked = Vec::with_capacity(confirms.len());
-        let mut refused = 0;
-        for (id, task_id, confirm) in confirms {
-            match confirm.await.map_err(lost)? {
-                Confirmation::Ack(None) => acked.push(id),
-                Confirmation::Ack(Some(returned)) => {
-                    refused += 1;
-                    tracing::warn!(task_id = %task_id, reply = %returned.reply_text,
-                        "result returned unroutable: is the `results` queue bound? (run `service-setup provision`)");
-                }
-                Confirmation::Nack(_) | Confirmation::NotRequested => {
-                    refused += 1;
-                    tracing::warn!(task_id = %task_id, "result nacked by the broker");
-                }
+        channel
+            .basic_publish(
+                wire::RESULTS_EXCHANGE.into(),
+                ep.results_routing_key().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &r.body,
+                result_properties(ep.as_str(), r),
+            )
+            .await
+            .map_err(|e| BrokerError::amqp("while publishing results", e))
+    }
+
+    /// Sorts one confirm: a plain ack goes to `acked`; a nack or a return counts as refused (returns 1).
+    fn settle(
+        &self,
+        sent: InFlight,
+        confirm: lapin::Result<Confirmation>,
+        acked: &mut Vec<i64>,
+    ) -> Result<usize, BrokerError> {
+        let task_id = &sent.task_id;
+        match confirm.map_err(|e| BrokerError::amqp("while publishing results", e))? {
+            Confirmation::Ack(None) => {
+                acked.push(sent.id);
+                Ok(0)
+            }
+            Confirmation::Ack(Some(returned)) => {
+                tracing::warn!(task_id = %task_id, reply = %returned.reply_text,
+                    "result returned unroutable: is the `results` queue bound? (run `service-setup provision`)");
+                Ok(1)
+            }
+            Confirmation::Nack(_) | Confirmation::NotRequested => {
+                tracing::warn!(task_id = %task_id, "result nacked by the broker");
+                Ok(1)
             }
         }
-        Ok((acked, refused))
     }
 
     /// Publishes a heartbeat every `interval` until the connection fails.
@@ -220,6 +300,36 @@ impl Publisher {
             .await
             .map_err(|e| BrokerError::amqp("while publishing a heartbeat", e))
     }
+}
+
+/// Up to `limit` pending results past `after`, read on a blocking thread through the publisher's own read-only
+/// connection (opened at first use), so a read never waits behind the store's commits.
+async fn read_pending(
+    reader: &mut Option<Reader>,
+    config: &Config,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+    let r = match reader.take() {
+        Some(r) => r,
+        None => Reader::open(&config.data_dir)?,
+    };
+    let (r, read) = tokio::task::spawn_blocking(move || {
+        let read = r.pending_results(after, limit);
+        (r, read)
+    })
+    .await
+    .expect("a read of pending results does not panic");
+    *reader = Some(r);
+    read
+}
+
+/// A `mark_published` commit running while the publisher goes on publishing.
+type Marking = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+fn start_marking(store: &Store, ids: Vec<i64>) -> Marking {
+    let store = store.clone();
+    Box::pin(async move { store.mark_published(ids).await })
 }
 
 fn result_properties(endpoint_id: &str, r: &TaskResult) -> BasicProperties {

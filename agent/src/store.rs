@@ -137,11 +137,16 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 enum Command {
     Ingest(Vec<Intake>, Reply<IngestOutcome>),
-    /// Stores a finished result (if any) and claims the next queued task (if wanted), in one transaction.
-    FinishAndClaim(Option<TaskResult>, bool, Reply<Option<ClaimedTask>>),
-    /// Puts a task interrupted by shutdown back in the queue, not counting the run as an attempt.
-    Requeue(String, Reply<()>),
-    PendingResults(usize, Reply<Vec<(i64, TaskResult)>>),
+    /// Stores finished results and claims up to `want` queued tasks, in one transaction.
+    FinishAndClaim(Vec<TaskResult>, usize, Reply<Vec<ClaimedTask>>),
+    /// Claims up to `want` tasks as soon as one can be claimed: parked in the writer until a later batch
+    /// (an ingest, a requeue, the end of a quarantine) makes one claimable, then claimed in that batch.
+    WaitAndClaim(usize, Reply<Vec<ClaimedTask>>),
+    /// Puts tasks interrupted by shutdown (or claimed but not started) back in the queue, not counting the run
+    /// as an attempt.
+    Requeue(Vec<String>, Reply<()>),
+    /// A read: answered at once from committed rows, outside any write transaction.
+    PendingResults(i64, usize, Reply<Vec<(i64, TaskResult)>>),
     MarkPublished(Vec<i64>, Reply<()>),
     Prune(u64, Reply<u64>),
     SetMeta(String, String, Reply<()>),
@@ -202,17 +207,33 @@ impl Store {
         r
     }
 
+    /// Stores `finished` (each task marked done with its result) and claims up to `want` queued tasks (their
+    /// attempts counted), all in one commit. Returns the claimed tasks, possibly none.
     pub async fn finish_and_claim(
         &self,
-        finished: Option<TaskResult>,
-        claim: bool,
-    ) -> Result<Option<ClaimedTask>, StoreError> {
-        let grows = finished.is_some();
+        finished: Vec<TaskResult>,
+        want: usize,
+    ) -> Result<Vec<ClaimedTask>, StoreError> {
+        let grows = !finished.is_empty();
         let r = self
-            .call(|r| Command::FinishAndClaim(finished, claim, r))
+            .call(|r| Command::FinishAndClaim(finished, want, r))
             .await;
         self.note_space(&r, grows);
         r
+    }
+
+    /// Claims up to `want` tasks, waiting until at least one can be claimed; the claim is committed in the same
+    /// transaction as whatever made it possible (typically the ingest of new tasks), so a new task costs no
+    /// commit of its own before it runs. Cancel-safe: tasks claimed for a dropped call go back to the queue
+    /// without counting an attempt.
+    pub fn wait_and_claim(&self, want: usize) -> WaitingClaim {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Command::WaitAndClaim(want, reply)).is_ok();
+        WaitingClaim {
+            rx,
+            sent,
+            tx: self.tx.clone(),
+        }
     }
 
     /// Disk-full bookkeeping, fed by the writes that need space (new tasks, results): set and logged at the
@@ -251,16 +272,24 @@ impl Store {
         self.disk_full.subscribe()
     }
 
-    pub async fn requeue(&self, task_id: String) -> Result<(), StoreError> {
-        self.call(|r| Command::Requeue(task_id, r)).await
+    /// Puts running tasks back in the queue without counting their attempt (shutdown, or claimed and not run).
+    pub async fn requeue(&self, task_ids: Vec<String>) -> Result<(), StoreError> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        self.call(|r| Command::Requeue(task_ids, r)).await
     }
 
-    /// Up to `limit` unpublished results, oldest first, each with its row id for [`Store::mark_published`].
+    /// Up to `limit` unpublished results with a row id above `after`, oldest first, each with its row id for
+    /// [`Store::mark_published`]. Row ids only grow, so a caller can page with the last id it saw. Reads only
+    /// committed rows and waits for no commit (the publisher reads through a [`Reader`] instead).
     pub async fn pending_results(
         &self,
+        after: i64,
         limit: usize,
     ) -> Result<Vec<(i64, TaskResult)>, StoreError> {
-        self.call(|r| Command::PendingResults(limit, r)).await
+        self.call(|r| Command::PendingResults(after, limit, r))
+            .await
     }
 
     pub async fn mark_published(&self, ids: Vec<i64>) -> Result<(), StoreError> {
@@ -284,6 +313,45 @@ impl Store {
     /// Counts as of the last commit; `changed()` on the receiver wakes on every commit that moved them.
     pub fn counts(&self) -> watch::Receiver<Counts> {
         self.counts.clone()
+    }
+}
+
+/// The future of [`Store::wait_and_claim`]. Dropping it before it is ready gives back whatever the writer
+/// claimed for it in the meantime (requeued, attempt not counted): a claim is never lost with its caller.
+pub struct WaitingClaim {
+    rx: oneshot::Receiver<Result<Vec<ClaimedTask>, StoreError>>,
+    sent: bool,
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::future::Future for WaitingClaim {
+    type Output = Result<Vec<ClaimedTask>, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if !self.sent {
+            return std::task::Poll::Ready(Err(StoreError::Closed));
+        }
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
+impl Drop for WaitingClaim {
+    fn drop(&mut self) {
+        // After `close` the writer cannot send any more (it requeues what it claimed itself); what it sent
+        // before is still here to take back.
+        self.rx.close();
+        if let Ok(Ok(tasks)) = self.rx.try_recv()
+            && !tasks.is_empty()
+        {
+            let (reply, _) = oneshot::channel();
+            let ids = tasks.into_iter().map(|t| t.task_id).collect();
+            let _ = self.tx.send(Command::Requeue(ids, reply));
+        }
     }
 }
 
@@ -400,6 +468,32 @@ fn read_counts(conn: &Connection) -> rusqlite::Result<Counts> {
     Ok(counts)
 }
 
+/// A read-only connection for the publisher's reads of pending results, so that they wait neither for the
+/// writer thread nor for its commits. Sees only committed rows. Blocking: call it from a blocking thread.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    /// Opens the database in `dir` read-only (it must exist: the store opened it first).
+    pub fn open(dir: &Path) -> Result<Reader, StoreError> {
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| StoreError::Open(path.clone(), e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Reader { conn })
+    }
+
+    /// Like [`Store::pending_results`].
+    pub fn pending_results(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+        pending(&self.conn, after, limit)
+    }
+}
+
 /// Counts read by a separate, read-only connection (for `endpoint-agent status` while an agent may run).
 pub fn read_status(dir: &Path) -> Result<(Counts, Vec<(String, String)>), StoreError> {
     let path = dir.join(DB_FILE);
@@ -425,22 +519,66 @@ pub fn read_status(dir: &Path) -> Result<(Counts, Vec<(String, String)>), StoreE
     Ok((counts, meta))
 }
 
+/// Longest a batch of only [`Command::MarkPublished`] waits for company before it commits alone.
+const MARK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A parked [`Command::WaitAndClaim`]: how many tasks it takes, and where they go.
+type Parked = (usize, Reply<Vec<ClaimedTask>>);
+
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, counts: watch::Sender<Counts>) {
     const MAX_BATCH: usize = 4096;
+    let mut parked: std::collections::VecDeque<Parked> = std::collections::VecDeque::new();
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
+        let mut batch = Vec::with_capacity(16);
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                // Reads see only committed rows and need no commit: answered now, not after the next fsync.
+                Command::PendingResults(after, limit, reply) => {
+                    let _ = reply.send(pending(&conn, after, limit));
+                }
+                cmd => batch.push(cmd),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        // A batch of nothing but "published" marks is not urgent (a mark lost in a crash only means a result
+        // is published twice): it waits a little for a command that needs a commit anyway and rides along.
+        while !batch.is_empty()
+            && batch.len() < MAX_BATCH
+            && batch
+                .iter()
+                .all(|c| matches!(c, Command::MarkPublished(..)))
+        {
+            match rx.recv_timeout(MARK_DELAY) {
+                Ok(Command::PendingResults(after, limit, reply)) => {
+                    let _ = reply.send(pending(&conn, after, limit));
+                }
                 Ok(cmd) => batch.push(cmd),
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, batch, &counts);
+        if batch.is_empty() {
+            continue;
+        }
+        let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts);
+        // Tasks claimed for a caller that went away meanwhile: back to the queue, attempt not counted.
+        while !orphans.is_empty() {
+            let (reply, _rx) = oneshot::channel();
+            orphans = run_batch(
+                &mut conn,
+                vec![Command::Requeue(orphans, reply)],
+                &mut parked,
+                &counts,
+            );
+        }
     }
 }
 
 /// A reply held back until the batch's commit, then sent with the command's own result or the commit's error.
-type Deferred = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// Returns the ids of tasks it claimed for a caller that is gone (they must be requeued).
+type Deferred = Box<dyn FnOnce(Option<&StoreError>) -> Vec<String> + Send>;
 
 fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Deferred {
     Box::new(move |commit_error: Option<&StoreError>| {
@@ -449,6 +587,24 @@ fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> D
             (r, _) => r,
         };
         let _ = reply.send(result);
+        Vec::new()
+    })
+}
+
+/// Like [`defer`] for claimed tasks: if the caller dropped its end, the claimed tasks are handed back.
+fn defer_claim(
+    reply: Reply<Vec<ClaimedTask>>,
+    result: Result<Vec<ClaimedTask>, StoreError>,
+) -> Deferred {
+    Box::new(move |commit_error: Option<&StoreError>| {
+        let result = match (result, commit_error) {
+            (Ok(_), Some(e)) => Err(copy_error(e)),
+            (r, _) => r,
+        };
+        match reply.send(result) {
+            Err(Ok(tasks)) => tasks.into_iter().map(|t| t.task_id).collect(),
+            _ => Vec::new(),
+        }
     })
 }
 
@@ -456,25 +612,64 @@ fn copy_error(e: &StoreError) -> StoreError {
     StoreError::Commit(e.to_string(), e.is_disk_full())
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Command>, counts_tx: &watch::Sender<Counts>) {
+fn add(counts: &mut Counts, delta: &Counts) {
+    counts.queued = counts.queued.wrapping_add(delta.queued);
+    counts.running = counts.running.wrapping_add(delta.running);
+    counts.done = counts.done.wrapping_add(delta.done);
+    counts.results_pending = counts.results_pending.wrapping_add(delta.results_pending);
+}
+
+/// Runs one batch in one transaction and commits it; then replies. Returns tasks to requeue (see [`Deferred`]).
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Command>,
+    parked: &mut std::collections::VecDeque<Parked>,
+    counts_tx: &watch::Sender<Counts>,
+) -> Vec<String> {
     let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
     let mut counts = *counts_tx.borrow();
     let outcome = (|| -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for cmd in batch {
-            tx.execute_batch("SAVEPOINT cmd")?;
+            if let Command::WaitAndClaim(want, reply) = cmd {
+                // Claimed below, in order, once the rest of the batch had its chance to queue tasks.
+                parked.push_back((want, reply));
+                continue;
+            }
+            tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
             let mut delta = Counts::default();
             let reply = execute(&tx, cmd, &mut delta);
             if reply.1 {
-                tx.execute_batch("RELEASE cmd")?;
-                counts.queued = counts.queued.wrapping_add(delta.queued);
-                counts.running = counts.running.wrapping_add(delta.running);
-                counts.done = counts.done.wrapping_add(delta.done);
-                counts.results_pending = counts.results_pending.wrapping_add(delta.results_pending);
+                tx.prepare_cached("RELEASE cmd")?.execute([])?;
+                add(&mut counts, &delta);
             } else {
                 tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
             }
             replies.push(reply.0);
+        }
+        // Parked claims, oldest first, as long as tasks can be claimed.
+        while let Some((want, reply)) = parked.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
+            let mut delta = Counts::default();
+            match claim(&tx, want, &mut delta) {
+                Ok(tasks) if tasks.is_empty() => {
+                    tx.prepare_cached("RELEASE cmd")?.execute([])?;
+                    parked.push_front((want, reply));
+                    break;
+                }
+                Ok(tasks) => {
+                    tx.prepare_cached("RELEASE cmd")?.execute([])?;
+                    add(&mut counts, &delta);
+                    replies.push(defer_claim(reply, Ok(tasks)));
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                    replies.push(defer_claim(reply, Err(e)));
+                }
+            }
         }
         tx.commit()?;
         Ok(())
@@ -486,16 +681,19 @@ fn run_batch(conn: &mut Connection, batch: Vec<Command>, counts_tx: &watch::Send
                 *c = counts;
                 changed
             });
-            replies.into_iter().for_each(|r| r(None));
+            replies.into_iter().flat_map(|r| r(None)).collect()
         }
         Err(e) => {
             tracing::error!(error = %e, "store commit failed; nothing in this batch was kept");
-            replies.into_iter().for_each(|r| r(Some(&e)));
+            replies.into_iter().for_each(|r| {
+                r(Some(&e));
+            });
             // Commands that never got a reply (the batch broke off early) are answered by dropping their
             // senders, which callers see as `Closed`; re-read the counts since the transaction rolled back.
             if let Ok(c) = read_counts(conn) {
                 counts_tx.send_replace(c);
             }
+            Vec::new()
         }
     }
 }
@@ -513,35 +711,42 @@ fn execute(tx: &rusqlite::Transaction, cmd: Command, d: &mut Counts) -> (Deferre
     }
     match cmd {
         Command::Ingest(items, reply) => done(reply, ingest(tx, items, d)),
-        Command::FinishAndClaim(result, want, reply) => {
+        Command::FinishAndClaim(results, want, reply) => {
             let r = (|| {
-                if let Some(result) = &result
-                    && finish(tx, result)?
-                {
-                    d.running = d.running.wrapping_add(dec(1));
-                    d.done = d.done.wrapping_add(1);
-                    d.results_pending = d.results_pending.wrapping_add(1);
+                for result in &results {
+                    if finish(tx, result)? {
+                        d.running = d.running.wrapping_add(dec(1));
+                        d.done = d.done.wrapping_add(1);
+                        d.results_pending = d.results_pending.wrapping_add(1);
+                    }
                 }
-                if want { claim(tx, d) } else { Ok(None) }
+                claim(tx, want, d)
             })();
-            done(reply, r)
+            let ok = r.is_ok();
+            (defer_claim(reply, r), ok)
         }
-        Command::Requeue(task_id, reply) => {
-            let r = tx
-                .execute(
+        // Only reached inside `run_batch`'s loop for parked claims; see there.
+        Command::WaitAndClaim(want, reply) => {
+            let r = claim(tx, want, d);
+            let ok = r.is_ok();
+            (defer_claim(reply, r), ok)
+        }
+        Command::Requeue(task_ids, reply) => {
+            let r = (|| {
+                let mut stmt = tx.prepare_cached(
                     "UPDATE tasks SET state = ?1, attempts = MAX(attempts - 1, 0) WHERE task_id = ?2 AND state = ?3",
-                    params![QUEUED, task_id, RUNNING],
-                )
-                .map(|n| {
-                    if n > 0 {
+                )?;
+                for task_id in task_ids {
+                    if stmt.execute(params![QUEUED, task_id, RUNNING])? > 0 {
                         d.running = d.running.wrapping_add(dec(1));
                         d.queued = d.queued.wrapping_add(1);
                     }
-                })
-                .map_err(StoreError::from);
+                }
+                Ok(())
+            })();
             done(reply, r)
         }
-        Command::PendingResults(limit, reply) => done(reply, pending(tx, limit)),
+        Command::PendingResults(after, limit, reply) => done(reply, pending(tx, after, limit)),
         Command::MarkPublished(ids, reply) => {
             let r = (|| {
                 let now = crate::wire::now_ms() as i64;
@@ -644,17 +849,19 @@ fn ingest(
 /// (already finished: the first result wins).
 fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError> {
     let now = crate::wire::now_ms() as i64;
-    let changed = tx.execute(
-        "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2, suspect = 0 WHERE task_id = ?3 AND state = ?4",
-        params![DONE, now, r.task_id, RUNNING],
-    )?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2, suspect = 0 WHERE task_id = ?3 AND state = ?4",
+        )?
+        .execute(params![DONE, now, r.task_id, RUNNING])?;
     if changed == 0 {
         return Ok(false);
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO results (task_id, status, exit_code, attempts, duration_ms, body, finished_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(task_id) DO NOTHING",
-        params![
+    )?
+    .execute(params![
             r.task_id,
             r.status.as_str(),
             r.exit_code,
@@ -667,29 +874,27 @@ fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError
     Ok(true)
 }
 
-/// Claims the next task. Quarantine: tasks that were running when the agent died are suspects and run alone,
-/// one at a time and with nothing beside them, so that a poison task crashes the agent by itself and the tasks
-/// that happened to share its crash are not charged for it again.
-fn claim(tx: &rusqlite::Transaction, d: &mut Counts) -> Result<Option<ClaimedTask>, StoreError> {
+/// Payload bytes one claim takes at most (it always takes at least one task): bounds what a slot holds in memory.
+const MAX_CLAIM_BYTES: usize = 1 << 20;
+
+/// Claims up to `want` queued tasks, oldest first, counting an attempt for each. Quarantine: tasks that were
+/// running when the agent died are suspects and run alone, one at a time and with nothing beside them, so that
+/// a poison task crashes the agent by itself and the tasks that happened to share its crash are not charged for
+/// it again; a suspect is always claimed by itself.
+fn claim(
+    tx: &rusqlite::Transaction,
+    want: usize,
+    d: &mut Counts,
+) -> Result<Vec<ClaimedTask>, StoreError> {
+    if want == 0 {
+        return Ok(Vec::new());
+    }
     let suspect: Option<(i64, i64)> = tx
         .prepare_cached(
             "SELECT seq, state FROM tasks WHERE suspect = 1 AND state IN (?1, ?2) ORDER BY state DESC, seq LIMIT 1",
         )?
         .query_row([QUEUED, RUNNING], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let seq = match suspect {
-        Some((_, RUNNING)) => return Ok(None),
-        Some((seq, _)) => {
-            let busy: bool = tx
-                .prepare_cached("SELECT EXISTS(SELECT 1 FROM tasks WHERE state = ?1)")?
-                .query_row([RUNNING], |r| r.get(0))?;
-            if busy {
-                return Ok(None);
-            }
-            Some(seq)
-        }
-        None => None,
-    };
     let read = |r: &rusqlite::Row| {
         Ok((
             r.get::<_, i64>(0)?,
@@ -702,35 +907,60 @@ fn claim(tx: &rusqlite::Transaction, d: &mut Counts) -> Result<Option<ClaimedTas
             },
         ))
     };
-    let row = match seq {
-        Some(seq) => tx
-            .prepare_cached("SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks WHERE seq = ?1")?
-            .query_row([seq], read)
-            .optional()?,
-        None => tx
-            .prepare_cached(
+    let mut rows: Vec<(i64, ClaimedTask)> = Vec::new();
+    match suspect {
+        Some((_, RUNNING)) => return Ok(Vec::new()),
+        Some((seq, _)) => {
+            let busy: bool = tx
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM tasks WHERE state = ?1)")?
+                .query_row([RUNNING], |r| r.get(0))?;
+            if busy {
+                return Ok(Vec::new());
+            }
+            rows.extend(
+                tx.prepare_cached("SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks WHERE seq = ?1")?
+                    .query_row([seq], read)
+                    .optional()?,
+            );
+        }
+        None => {
+            let mut stmt = tx.prepare_cached(
                 "SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks
-                 WHERE state = ?1 ORDER BY seq LIMIT 1",
-            )?
-            .query_row([QUEUED], read)
-            .optional()?,
-    };
-    let Some((seq, task)) = row else {
-        return Ok(None);
-    };
-    tx.prepare_cached("UPDATE tasks SET state = ?1, attempts = attempts + 1 WHERE seq = ?2")?
-        .execute(params![RUNNING, seq])?;
-    d.queued = d.queued.wrapping_add(dec(1));
-    d.running = d.running.wrapping_add(1);
-    Ok(Some(task))
+                 WHERE state = ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut it =
+                stmt.query_map(params![QUEUED, want.min(i64::MAX as usize) as i64], read)?;
+            let mut bytes = 0;
+            while bytes < MAX_CLAIM_BYTES
+                && let Some(row) = it.next()
+            {
+                let row = row?;
+                bytes += row.1.payload.len().max(1);
+                rows.push(row);
+            }
+        }
+    }
+    let mut mark =
+        tx.prepare_cached("UPDATE tasks SET state = ?1, attempts = attempts + 1 WHERE seq = ?2")?;
+    for (seq, _) in &rows {
+        mark.execute(params![RUNNING, seq])?;
+    }
+    let n = rows.len() as u64;
+    d.queued = d.queued.wrapping_add(dec(n));
+    d.running = d.running.wrapping_add(n);
+    Ok(rows.into_iter().map(|(_, t)| t).collect())
 }
 
-fn pending(tx: &rusqlite::Transaction, limit: usize) -> Result<Vec<(i64, TaskResult)>, StoreError> {
-    let mut stmt = tx.prepare_cached(
+fn pending(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
         "SELECT seq, task_id, status, exit_code, attempts, duration_ms, body FROM results
-         WHERE published_at_ms IS NULL ORDER BY seq LIMIT ?1",
+         WHERE published_at_ms IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
-    let rows = stmt.query_map([limit as i64], |r| {
+    let rows = stmt.query_map(params![after, limit.min(i64::MAX as usize) as i64], |r| {
         let status: String = r.get(2)?;
         Ok((
             r.get(0)?,
@@ -750,6 +980,7 @@ fn pending(tx: &rusqlite::Transaction, limit: usize) -> Result<Vec<(i64, TaskRes
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn task(id: &str) -> Intake {
         Intake::Task(NewTask {
@@ -769,6 +1000,16 @@ mod tests {
             duration_ms: 1,
             body: c.payload.clone(),
         }
+    }
+
+    /// The one-task-at-a-time use of `finish_and_claim`.
+    async fn fc(store: &Store, r: Option<TaskResult>, claim: bool) -> Option<ClaimedTask> {
+        let mut got = store
+            .finish_and_claim(r.into_iter().collect(), usize::from(claim))
+            .await
+            .unwrap();
+        assert!(got.len() <= 1);
+        got.pop()
     }
 
     fn counts(store: &Store) -> Counts {
@@ -801,23 +1042,13 @@ mod tests {
             }
         );
 
-        let a = store.finish_and_claim(None, true).await.unwrap().unwrap();
+        let a = fc(&store, None, true).await.unwrap();
         assert_eq!((a.task_id.as_str(), a.attempts), ("a", 1));
-        let b = store
-            .finish_and_claim(Some(ok(&a)), true)
-            .await
-            .unwrap()
-            .unwrap();
+        let b = fc(&store, Some(ok(&a)), true).await.unwrap();
         assert_eq!(b.task_id, "b");
-        assert_eq!(
-            store.finish_and_claim(Some(ok(&b)), true).await.unwrap(),
-            None
-        );
+        assert_eq!(fc(&store, Some(ok(&b)), true).await, None);
         // A finished task's second result is ignored, and a redelivery is not queued again.
-        assert_eq!(
-            store.finish_and_claim(Some(ok(&b)), false).await.unwrap(),
-            None
-        );
+        assert_eq!(fc(&store, Some(ok(&b)), false).await, None);
         assert_eq!(store.ingest(vec![task("b")]).await.unwrap().duplicates, 1);
         assert_eq!(
             counts(&store),
@@ -829,7 +1060,7 @@ mod tests {
             }
         );
 
-        let pending = store.pending_results(10).await.unwrap();
+        let pending = store.pending_results(0, 10).await.unwrap();
         let ids: Vec<_> = pending.iter().map(|(_, r)| r.task_id.as_str()).collect();
         assert_eq!(ids, ["c", "a", "b"]);
         assert_eq!(pending[0].1.status, Status::Rejected);
@@ -840,7 +1071,7 @@ mod tests {
         assert_eq!(counts(&store).results_pending, 1);
         assert_eq!(store.prune(crate::wire::now_ms() + 1).await.unwrap(), 2);
         assert_eq!(counts(&store).done, 1);
-        assert_eq!(store.pending_results(10).await.unwrap().len(), 1);
+        assert_eq!(store.pending_results(0, 10).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
@@ -854,13 +1085,13 @@ mod tests {
                 assert_eq!(rec.requeued, 1, "round {round}");
             } else {
                 assert_eq!(rec.given_up, 1);
-                let pending = store.pending_results(10).await.unwrap();
+                let pending = store.pending_results(0, 10).await.unwrap();
                 assert_eq!(pending[0].1.status, Status::Failed);
                 assert_eq!(pending[0].1.attempts, 3);
                 return;
             }
             // Claim and "crash" (drop the store without finishing).
-            let t = store.finish_and_claim(None, true).await.unwrap().unwrap();
+            let t = fc(&store, None, true).await.unwrap();
             assert_eq!(t.attempts, round);
         }
         unreachable!("round 4 returns");
@@ -872,33 +1103,25 @@ mod tests {
         {
             let (store, _) = Store::open(&dir, 3).unwrap();
             store.ingest(vec![task("s1"), task("s2")]).await.unwrap();
-            store.finish_and_claim(None, true).await.unwrap().unwrap();
-            store.finish_and_claim(None, true).await.unwrap().unwrap();
+            fc(&store, None, true).await.unwrap();
+            fc(&store, None, true).await.unwrap();
             store.ingest(vec![task("fresh")]).await.unwrap();
         } // crash with s1 and s2 running
         let (store, rec) = Store::open(&dir, 3).unwrap();
         assert_eq!(rec.requeued, 2);
-        let s1 = store.finish_and_claim(None, true).await.unwrap().unwrap();
+        let s1 = fc(&store, None, true).await.unwrap();
         assert_eq!((s1.task_id.as_str(), s1.attempts), ("s1", 2));
         // Nothing runs beside a suspect, not even the fresh task.
-        assert_eq!(store.finish_and_claim(None, true).await.unwrap(), None);
-        let s2 = store
-            .finish_and_claim(Some(ok(&s1)), true)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(fc(&store, None, true).await, None);
+        let s2 = fc(&store, Some(ok(&s1)), true).await.unwrap();
         assert_eq!(s2.task_id, "s2");
-        assert_eq!(store.finish_and_claim(None, true).await.unwrap(), None);
-        let fresh = store
-            .finish_and_claim(Some(ok(&s2)), true)
-            .await
-            .unwrap()
-            .unwrap();
+        assert_eq!(fc(&store, None, true).await, None);
+        let fresh = fc(&store, Some(ok(&s2)), true).await.unwrap();
         assert_eq!(fresh.task_id, "fresh");
         // Quarantine is over: ordinary tasks run side by side again.
         store.ingest(vec![task("a"), task("b")]).await.unwrap();
-        assert!(store.finish_and_claim(None, true).await.unwrap().is_some());
-        assert!(store.finish_and_claim(None, true).await.unwrap().is_some());
+        assert!(fc(&store, None, true).await.is_some());
+        assert!(fc(&store, None, true).await.is_some());
     }
 
     #[tokio::test]
@@ -906,10 +1129,146 @@ mod tests {
         let dir = tempdir("requeue");
         let (store, _) = Store::open(&dir, 3).unwrap();
         store.ingest(vec![task("t")]).await.unwrap();
-        let t = store.finish_and_claim(None, true).await.unwrap().unwrap();
-        store.requeue(t.task_id).await.unwrap();
-        let again = store.finish_and_claim(None, true).await.unwrap().unwrap();
+        let t = fc(&store, None, true).await.unwrap();
+        store.requeue(vec![t.task_id]).await.unwrap();
+        let again = fc(&store, None, true).await.unwrap();
         assert_eq!(again.attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn claims_and_stores_several_per_commit() {
+        let dir = tempdir("batch");
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let ids = ["a", "b", "c", "d", "e"];
+        store
+            .ingest(ids.iter().map(|i| task(i)).collect())
+            .await
+            .unwrap();
+        let first = store.finish_and_claim(vec![], 3).await.unwrap();
+        let got: Vec<_> = first
+            .iter()
+            .map(|t| (t.task_id.as_str(), t.attempts))
+            .collect();
+        assert_eq!(got, [("a", 1), ("b", 1), ("c", 1)]);
+        assert_eq!((counts(&store).queued, counts(&store).running), (2, 3));
+        let results = first.iter().map(ok).collect();
+        let rest = store.finish_and_claim(results, 10).await.unwrap();
+        assert_eq!(rest.len(), 2);
+        assert_eq!(
+            counts(&store),
+            Counts {
+                queued: 0,
+                running: 2,
+                done: 3,
+                results_pending: 3
+            }
+        );
+        // Paging past a row id.
+        let page = store.pending_results(0, 2).await.unwrap();
+        assert_eq!(page.len(), 2);
+        let next = store.pending_results(page[1].0, 10).await.unwrap();
+        let ids: Vec<_> = next.iter().map(|(_, r)| r.task_id.as_str()).collect();
+        assert_eq!(ids, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn a_claim_holds_a_bounded_number_of_payload_bytes() {
+        let dir = tempdir("bytes");
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let big = |id: &str| {
+            Intake::Task(NewTask {
+                task_id: id.into(),
+                function: "echo".into(),
+                payload: vec![0; MAX_CLAIM_BYTES * 3 / 5],
+                timeout_ms: None,
+            })
+        };
+        store
+            .ingest(vec![big("x"), big("y"), big("z")])
+            .await
+            .unwrap();
+        assert_eq!(store.finish_and_claim(vec![], 10).await.unwrap().len(), 2);
+        assert_eq!(store.finish_and_claim(vec![], 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn suspects_are_claimed_alone_even_in_batches() {
+        let dir = tempdir("batch-quarantine");
+        {
+            let (store, _) = Store::open(&dir, 3).unwrap();
+            store
+                .ingest(vec![task("s1"), task("s2"), task("s3")])
+                .await
+                .unwrap();
+            assert_eq!(store.finish_and_claim(vec![], 3).await.unwrap().len(), 3);
+        } // crash with a claimed batch: every task in it is a suspect
+        let (store, rec) = Store::open(&dir, 3).unwrap();
+        assert_eq!(rec.requeued, 3);
+        store.ingest(vec![task("fresh")]).await.unwrap();
+        let mut order = Vec::new();
+        let mut last: Vec<TaskResult> = Vec::new();
+        loop {
+            let got = store.finish_and_claim(last, 10).await.unwrap();
+            assert!(got.len() <= 1, "suspects run alone: {got:?}");
+            assert_eq!(store.finish_and_claim(vec![], 10).await.unwrap(), vec![]);
+            let Some(t) = got.into_iter().next() else {
+                break;
+            };
+            order.push(t.task_id.clone());
+            last = vec![ok(&t)];
+            if t.task_id == "fresh" {
+                break;
+            }
+        }
+        assert_eq!(order, ["s1", "s2", "s3", "fresh"]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_claim_is_served_by_the_ingest_commit() {
+        let dir = tempdir("park");
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_and_claim(2).await }
+        });
+        // A claim dropped before tasks arrive takes nothing.
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(50), store.wait_and_claim(5)).await;
+        assert!(dropped.is_err());
+        store
+            .ingest(vec![task("a"), task("b"), task("c")])
+            .await
+            .unwrap();
+        let got = waiter.await.unwrap().unwrap();
+        let ids: Vec<_> = got.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert_eq!((counts(&store).queued, counts(&store).running), (1, 2));
+        // Nothing waits when a task is there already.
+        assert_eq!(store.wait_and_claim(5).await.unwrap().len(), 1);
+        // A claim answered but never taken goes back to the queue without counting an attempt.
+        store.ingest(vec![task("d")]).await.unwrap();
+        let unread = store.wait_and_claim(1);
+        store.set_meta("sync", "1".into()).await.unwrap(); // the writer has answered `unread` by now
+        drop(unread);
+        store.set_meta("sync", "2".into()).await.unwrap(); // and has requeued what it held
+        assert_eq!((counts(&store).queued, counts(&store).running), (1, 3));
+        let d = store.finish_and_claim(vec![], 1).await.unwrap();
+        assert_eq!((d[0].task_id.as_str(), d[0].attempts), ("d", 1));
+    }
+
+    #[tokio::test]
+    async fn requeue_takes_back_a_batch() {
+        let dir = tempdir("requeue-batch");
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        store.ingest(vec![task("a"), task("b")]).await.unwrap();
+        let got = store.finish_and_claim(vec![], 2).await.unwrap();
+        store
+            .requeue(got.into_iter().map(|t| t.task_id).collect())
+            .await
+            .unwrap();
+        assert_eq!((counts(&store).queued, counts(&store).running), (2, 0));
+        let again = store.finish_and_claim(vec![], 2).await.unwrap();
+        assert!(again.iter().all(|t| t.attempts == 1));
     }
 
     #[tokio::test]
