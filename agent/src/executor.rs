@@ -3,9 +3,9 @@
 //! working while the broker is away and is tested without one.
 
 use crate::config::{CommandSpec, Config, Function};
-use crate::store::{ClaimedTask, Store, TaskResult};
+use crate::store::{ClaimedTask, Store, TaskResult, Want};
 use crate::wire::Status;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -282,31 +282,58 @@ fn kill_group(pgid: Option<u32>) {
     }
 }
 
-/// Wakes workers when tasks are queued, and the publisher when results are stored.
+/// Wakes workers when tasks are queued, and the publisher when results are stored; and what the slots learned
+/// about how long each function's tasks take (to size their claims).
 #[derive(Debug, Default)]
 pub struct Signals {
     pub new_tasks: Notify,
     pub new_results: Notify,
+    run_times: std::sync::Mutex<HashMap<String, Duration>>,
 }
 
-/// Most tasks one slot claims in one commit (when tasks are short and the queue is deep).
-const MAX_CLAIM: usize = 32;
+impl Signals {
+    /// Folds one run of `function` into its moving average.
+    fn ran(&self, function: &str, took: Duration) {
+        let mut times = self.run_times.lock().expect("run times are never poisoned");
+        match times.get_mut(function) {
+            Some(mean) => *mean = (*mean * 3 + took) / 4,
+            None => {
+                times.insert(function.to_owned(), took);
+            }
+        }
+    }
+
+    /// What the next claim takes, see [`want`].
+    fn want(&self) -> Want {
+        want(&self.run_times.lock().expect("run times are never poisoned"))
+    }
+}
+
+/// Most tasks one slot claims in one commit (when tasks are short).
+const MAX_CLAIM: usize = 64;
 /// Tasks shorter than this on average are claimed several per commit: a commit (an fsync) costs about as much.
 const SHORT_TASK: Duration = Duration::from_millis(1);
 /// Results of a claimed batch are stored as soon as the oldest waited this long, even if the batch goes on.
 const FLUSH_AFTER: Duration = Duration::from_millis(2);
 
-/// How many tasks to claim in one commit: one unless tasks are short, else a share of the queue small enough
-/// that the other slots get theirs (fairness) and a crash makes few suspects.
-fn claim_size(recent_mean: Option<Duration>, queued: u64, workers: usize) -> usize {
-    match recent_mean {
-        Some(mean) if mean < SHORT_TASK => {
-            let share = queued / (2 * workers.max(1) as u64);
-            usize::try_from(share)
-                .unwrap_or(MAX_CLAIM)
-                .clamp(1, MAX_CLAIM)
-        }
-        _ => 1,
+/// What one claim takes: tasks of the functions known to be short (a commit, an fsync, costs about as much as
+/// such a task) are claimed up to [`MAX_CLAIM`] at a time; a task of any other function (slow, or not seen yet)
+/// is claimed alone, so it never holds queued tasks back from an idle slot. A batch is at most ~64 ms of work
+/// another slot cannot take, and at most that many suspects after a crash (each then reruns alone). Not
+/// scaled by the depth of the queue on disk: it is shallow at steady state (the backlog waits in the broker).
+fn want(run_times: &HashMap<String, Duration>) -> Want {
+    let mut short: Vec<String> = run_times
+        .iter()
+        .filter(|(_, mean)| **mean < SHORT_TASK)
+        .map(|(f, _)| f.clone())
+        .collect();
+    if short.is_empty() {
+        return 1.into();
+    }
+    short.sort();
+    Want {
+        max: MAX_CLAIM,
+        only: Some(short),
     }
 }
 
@@ -314,7 +341,7 @@ fn claim_size(recent_mean: Option<Duration>, queued: u64, workers: usize) -> usi
 /// same commit), until `stop` (no new tasks; the running one finishes, claimed ones not started go back) or
 /// `kill` (the running one is killed and requeued).
 ///
-/// Short tasks are claimed several at a time (see [`claim_size`]), so that one commit stores many results
+/// Short tasks are claimed several at a time (see [`want`]), so that one commit stores many results
 /// and claims many tasks; every claimed task's attempt is committed before the first of them runs, and every
 /// result is committed before the publisher can see it. An idle slot parks its claim in the store, which
 /// claims for it in the commit that queues new tasks.
@@ -329,26 +356,19 @@ pub async fn worker(
     // Finished, not yet stored; `unsaved_since` is when the oldest of them finished.
     let mut unsaved: Vec<TaskResult> = Vec::new();
     let mut unsaved_since: Option<Instant> = None;
-    // Mean run time of the last claimed batch, to size the next claim.
-    let mut recent_mean: Option<Duration> = None;
-    let (mut batch_time, mut batch_runs) = (Duration::ZERO, 0u32);
     let mut retry =
         crate::connection::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let stopping = stop.is_cancelled();
         let flush_due = unsaved_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER);
         if claimed.is_empty() || flush_due || stopping {
-            let want = if claimed.is_empty() && !stopping {
-                if batch_runs > 0 {
-                    recent_mean = Some(batch_time / batch_runs);
-                    (batch_time, batch_runs) = (Duration::ZERO, 0);
-                }
-                claim_size(recent_mean, store.counts().borrow().queued, config.workers)
+            let want: Want = if claimed.is_empty() && !stopping {
+                signals.want()
             } else {
-                0
+                0.into()
             };
-            if !unsaved.is_empty() || want > 0 {
-                match store.finish_and_claim(unsaved.clone(), want).await {
+            if !unsaved.is_empty() || want.max > 0 {
+                match store.finish_and_claim(unsaved.clone(), want.clone()).await {
                     Ok(tasks) => {
                         if !unsaved.is_empty() {
                             signals.new_results.notify_one();
@@ -376,7 +396,7 @@ pub async fn worker(
                 // Nothing queued: park a claim in the store until tasks arrive (nothing unsaved here).
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    r = store.wait_and_claim(want.max(1)) => match r {
+                    r = store.wait_and_claim(want) => match r {
                         Ok(tasks) => {
                             claimed.extend(tasks);
                             retry.reset();
@@ -424,8 +444,7 @@ pub async fn worker(
             } => {
                 let took = started.elapsed();
                 tracing::debug!(task_id = %task.task_id, %status, "finished");
-                batch_time += took;
-                batch_runs += 1;
+                signals.ran(&task.function, took);
                 unsaved_since.get_or_insert_with(Instant::now);
                 unsaved.push(TaskResult {
                     task_id: task.task_id,
@@ -591,6 +610,92 @@ command = ["true"]
             "unknown function",
         )
         .await;
+    }
+
+    #[test]
+    fn claims_batch_only_short_functions() {
+        let check = |times: &[(&str, u64)], expected: Want| {
+            let times = times
+                .iter()
+                .map(|(f, us)| (f.to_string(), Duration::from_micros(*us)))
+                .collect();
+            assert_eq!(want(&times), expected, "{times:?}");
+        };
+        check(&[], 1.into());
+        check(&[("sleep", 5_000)], 1.into());
+        let short = |fs: &[&str]| Want {
+            max: MAX_CLAIM,
+            only: Some(fs.iter().map(|f| f.to_string()).collect()),
+        };
+        check(&[("echo", 20), ("sleep", 5_000)], short(&["echo"]));
+        check(&[("wc", 300), ("echo", 20)], short(&["echo", "wc"]));
+    }
+
+    #[tokio::test]
+    async fn slots_run_batches_take_new_work_and_give_back_on_stop() {
+        use crate::store::{Intake, NewTask};
+        let dir = std::env::temp_dir().join(format!(
+            "ea-exec-slots-{}-{}",
+            std::process::id(),
+            crate::wire::now_ms()
+        ));
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let tasks = |from: usize, n: usize, function: &str, payload: &str| -> Vec<Intake> {
+            (from..from + n)
+                .map(|i| {
+                    Intake::Task(NewTask {
+                        task_id: format!("t{i}"),
+                        function: function.into(),
+                        payload: payload.as_bytes().to_vec(),
+                        timeout_ms: None,
+                    })
+                })
+                .collect()
+        };
+        store.ingest(tasks(0, 300, "echo", "x")).await.unwrap();
+        let config = Arc::new(config(""));
+        let signals = Arc::new(Signals::default());
+        let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
+        let slots: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn(worker(
+                    config.clone(),
+                    store.clone(),
+                    signals.clone(),
+                    stop.clone(),
+                    kill.clone(),
+                ))
+            })
+            .collect();
+        let mut counts = store.counts();
+        let mut wait_done = async |n: u64| {
+            while counts.borrow_and_update().done < n {
+                counts.changed().await.unwrap();
+            }
+        };
+        wait_done(300).await;
+        // Idle slots are parked in the store: the commit that queues new tasks hands them over.
+        store.ingest(tasks(300, 5, "echo", "y")).await.unwrap();
+        wait_done(305).await;
+        // Slow tasks claimed as a batch when the stop comes: the one running finishes, those not started go
+        // back to the queue without counting an attempt, nothing is left running.
+        store.ingest(tasks(305, 3, "sleep", "200")).await.unwrap();
+        while store.counts().borrow().running == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // most likely one has started by now
+        stop.cancel();
+        for slot in slots {
+            slot.await.unwrap();
+        }
+        // A claim answered for a slot that stopped first is handed back by a command of its own: let it land.
+        store.set_meta("sync", String::new()).await.unwrap();
+        let c = *store.counts().borrow();
+        assert_eq!((c.running, c.queued + c.done), (0, 308), "{c:?}");
+        assert_eq!(c.results_pending, c.done);
+        let back = store.finish_and_claim(vec![], 10).await.unwrap();
+        assert_eq!(back.len() as u64, c.queued);
+        assert!(back.iter().all(|t| t.attempts == 1), "{back:?}");
     }
 
     #[tokio::test]

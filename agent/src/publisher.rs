@@ -76,6 +76,10 @@ impl Publisher {
         let mut acked: Vec<i64> = Vec::new();
         let mut marking: Option<Marking> = None;
         let mut reader: Option<Reader> = None;
+        // New results may be waiting (a notification came, or the last read was full): read before waiting.
+        let mut fresh = true;
+        // Draining, and a read since found nothing: done once nothing is in flight.
+        let mut drained = false;
         let mut blocked = self.blocked.clone();
         loop {
             // While the broker blocks us, publish nothing: results stay on disk and nothing piles up in the
@@ -96,11 +100,11 @@ impl Publisher {
             if rescan && in_flight.is_empty() && acked.is_empty() && marking.is_none() {
                 cursor = 0;
                 rescan = false;
+                fresh = true;
             }
-            let mut read_all = true;
             // With a rescan due, nothing new goes out until everything in flight is settled and the cursor is
             // back at the start, so that a refused result cannot be overtaken forever under a steady load.
-            if !is_blocked && !rescan && in_flight.len() < WINDOW {
+            if !is_blocked && !rescan && fresh && in_flight.len() < WINDOW {
                 let limit = READ.min(WINDOW - in_flight.len());
                 let pending = match read_pending(&mut reader, &self.config, cursor, limit).await {
                     Ok(p) => p,
@@ -110,9 +114,10 @@ impl Publisher {
                         continue;
                     }
                 };
-                read_all = pending.len() < limit;
+                fresh = pending.len() == limit;
                 if let Some((last, _)) = pending.last() {
                     cursor = *last;
+                    drained = false;
                 }
                 for (id, r) in pending {
                     let confirm = self.publish_result(&channel, &r).await?;
@@ -127,19 +132,27 @@ impl Publisher {
                 marking = Some(start_marking(&self.store, std::mem::take(&mut acked)));
             }
             if in_flight.is_empty() && marking.is_none() {
-                if read_all && !rescan {
+                if !fresh && !rescan && !is_blocked {
                     if drain.is_cancelled() {
-                        return Ok(());
+                        if drained {
+                            return Ok(());
+                        }
+                        // One more read once draining: results stored just before the drain are not left behind.
+                        drained = true;
+                    } else {
+                        // The timer also catches results no one announced (rejected tasks, stored on intake).
+                        tokio::select! {
+                            _ = &mut notified => {}
+                            _ = drain.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
                     }
-                    tokio::select! {
-                        _ = &mut notified => {}
-                        _ = drain.cancelled() => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
+                    fresh = true;
                 }
                 continue;
             }
-            let room = in_flight.len() < WINDOW;
+            // Room for more, and allowed to read it (else only confirms and marks are waited for).
+            let room = in_flight.len() < WINDOW && !rescan && !is_blocked;
             tokio::select! {
                 biased;
                 c = async { (&mut in_flight.front_mut().expect("checked non-empty").confirm).await }, if !in_flight.is_empty() => {
@@ -177,8 +190,8 @@ impl Publisher {
                         tokio::time::sleep(failures.next_delay()).await;
                     }
                 }
-                _ = &mut notified, if room && read_all => {}
-                _ = std::future::ready(()), if room && !read_all => {}
+                _ = &mut notified, if room && !fresh => fresh = true,
+                _ = std::future::ready(()), if room && fresh => {}
             }
         }
     }

@@ -138,10 +138,10 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Command {
     Ingest(Vec<Intake>, Reply<IngestOutcome>),
     /// Stores finished results and claims up to `want` queued tasks, in one transaction.
-    FinishAndClaim(Vec<TaskResult>, usize, Reply<Vec<ClaimedTask>>),
+    FinishAndClaim(Vec<TaskResult>, Want, Reply<Vec<ClaimedTask>>),
     /// Claims up to `want` tasks as soon as one can be claimed: parked in the writer until a later batch
     /// (an ingest, a requeue, the end of a quarantine) makes one claimable, then claimed in that batch.
-    WaitAndClaim(usize, Reply<Vec<ClaimedTask>>),
+    WaitAndClaim(Want, Reply<Vec<ClaimedTask>>),
     /// Puts tasks interrupted by shutdown (or claimed but not started) back in the queue, not counting the run
     /// as an attempt.
     Requeue(Vec<String>, Reply<()>),
@@ -212,8 +212,9 @@ impl Store {
     pub async fn finish_and_claim(
         &self,
         finished: Vec<TaskResult>,
-        want: usize,
+        want: impl Into<Want>,
     ) -> Result<Vec<ClaimedTask>, StoreError> {
+        let want = want.into();
         let grows = !finished.is_empty();
         let r = self
             .call(|r| Command::FinishAndClaim(finished, want, r))
@@ -226,9 +227,12 @@ impl Store {
     /// transaction as whatever made it possible (typically the ingest of new tasks), so a new task costs no
     /// commit of its own before it runs. Cancel-safe: tasks claimed for a dropped call go back to the queue
     /// without counting an attempt.
-    pub fn wait_and_claim(&self, want: usize) -> WaitingClaim {
+    pub fn wait_and_claim(&self, want: impl Into<Want>) -> WaitingClaim {
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Command::WaitAndClaim(want, reply)).is_ok();
+        let sent = self
+            .tx
+            .send(Command::WaitAndClaim(want.into(), reply))
+            .is_ok();
         WaitingClaim {
             rx,
             sent,
@@ -523,7 +527,7 @@ pub fn read_status(dir: &Path) -> Result<(Counts, Vec<(String, String)>), StoreE
 const MARK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A parked [`Command::WaitAndClaim`]: how many tasks it takes, and where they go.
-type Parked = (usize, Reply<Vec<ClaimedTask>>);
+type Parked = (Want, Reply<Vec<ClaimedTask>>);
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, counts: watch::Sender<Counts>) {
     const MAX_BATCH: usize = 4096;
@@ -654,7 +658,7 @@ fn run_batch(
             }
             tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
             let mut delta = Counts::default();
-            match claim(&tx, want, &mut delta) {
+            match claim(&tx, &want, &mut delta) {
                 Ok(tasks) if tasks.is_empty() => {
                     tx.prepare_cached("RELEASE cmd")?.execute([])?;
                     parked.push_front((want, reply));
@@ -720,14 +724,14 @@ fn execute(tx: &rusqlite::Transaction, cmd: Command, d: &mut Counts) -> (Deferre
                         d.results_pending = d.results_pending.wrapping_add(1);
                     }
                 }
-                claim(tx, want, d)
+                claim(tx, &want, d)
             })();
             let ok = r.is_ok();
             (defer_claim(reply, r), ok)
         }
         // Only reached inside `run_batch`'s loop for parked claims; see there.
         Command::WaitAndClaim(want, reply) => {
-            let r = claim(tx, want, d);
+            let r = claim(tx, &want, d);
             let ok = r.is_ok();
             (defer_claim(reply, r), ok)
         }
@@ -874,6 +878,29 @@ fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError
     Ok(true)
 }
 
+/// How many tasks one claim takes: up to `max`, oldest first. With `only`, a claim of several holds only
+/// tasks of those functions (the ones known to be short): a task of another function is claimed alone, and
+/// the claim stops in front of one. A number is "up to that many of any function".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Want {
+    pub max: usize,
+    pub only: Option<Vec<String>>,
+}
+
+impl Want {
+    fn batchable(&self, function: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|f| f == function))
+    }
+}
+
+impl From<usize> for Want {
+    fn from(max: usize) -> Want {
+        Want { max, only: None }
+    }
+}
+
 /// Payload bytes one claim takes at most (it always takes at least one task): bounds what a slot holds in memory.
 const MAX_CLAIM_BYTES: usize = 1 << 20;
 
@@ -883,10 +910,10 @@ const MAX_CLAIM_BYTES: usize = 1 << 20;
 /// it again; a suspect is always claimed by itself.
 fn claim(
     tx: &rusqlite::Transaction,
-    want: usize,
+    want: &Want,
     d: &mut Counts,
 ) -> Result<Vec<ClaimedTask>, StoreError> {
-    if want == 0 {
+    if want.max == 0 {
         return Ok(Vec::new());
     }
     let suspect: Option<(i64, i64)> = tx
@@ -928,15 +955,24 @@ fn claim(
                 "SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks
                  WHERE state = ?1 ORDER BY seq LIMIT ?2",
             )?;
-            let mut it =
-                stmt.query_map(params![QUEUED, want.min(i64::MAX as usize) as i64], read)?;
+            let mut it = stmt.query_map(
+                params![QUEUED, want.max.min(i64::MAX as usize) as i64],
+                read,
+            )?;
             let mut bytes = 0;
             while bytes < MAX_CLAIM_BYTES
                 && let Some(row) = it.next()
             {
                 let row = row?;
+                let batchable = want.batchable(&row.1.function);
+                if !rows.is_empty() && !batchable {
+                    break;
+                }
                 bytes += row.1.payload.len().max(1);
                 rows.push(row);
+                if !batchable {
+                    break;
+                }
             }
         }
     }
@@ -1169,6 +1205,49 @@ mod tests {
         let next = store.pending_results(page[1].0, 10).await.unwrap();
         let ids: Vec<_> = next.iter().map(|(_, r)| r.task_id.as_str()).collect();
         assert_eq!(ids, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_several_holds_only_batchable_functions() {
+        let dir = tempdir("only");
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let of = |id: &str, function: &str| {
+            Intake::Task(NewTask {
+                task_id: id.into(),
+                function: function.into(),
+                payload: Vec::new(),
+                timeout_ms: None,
+            })
+        };
+        let tasks = [
+            ("a", "echo"),
+            ("b", "echo"),
+            ("c", "sleep"),
+            ("d", "sleep"),
+            ("e", "echo"),
+        ];
+        store
+            .ingest(tasks.iter().map(|(i, f)| of(i, f)).collect())
+            .await
+            .unwrap();
+        let want = || Want {
+            max: 10,
+            only: Some(vec!["echo".to_owned()]),
+        };
+        let ids = |v: Vec<ClaimedTask>| v.into_iter().map(|t| t.task_id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store.finish_and_claim(vec![], want()).await.unwrap()),
+            ["a", "b"]
+        );
+        assert_eq!(
+            ids(store.finish_and_claim(vec![], want()).await.unwrap()),
+            ["c"]
+        );
+        assert_eq!(ids(store.wait_and_claim(want()).await.unwrap()), ["d"]);
+        assert_eq!(
+            ids(store.finish_and_claim(vec![], want()).await.unwrap()),
+            ["e"]
+        );
     }
 
     #[tokio::test]
