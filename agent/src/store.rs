@@ -171,6 +171,7 @@ impl Store {
     pub fn open(dir: &Path, max_attempts: u32) -> Result<(Store, Recovery), StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir(dir.to_owned(), e))?;
         let path = dir.join(DB_FILE);
+        check_integrity(&path)?;
         let mut conn = open_db(&path).map_err(|e| StoreError::opening(&path, e))?;
         let recovery = recover(&mut conn, max_attempts).map_err(|e| match e {
             StoreError::Sqlite(e) => StoreError::opening(&path, e),
@@ -363,18 +364,35 @@ const QUEUED: i64 = 0;
 const RUNNING: i64 = 1;
 const DONE: i64 = 2;
 
+/// A damaged file (truncated, overwritten) must stop the start with its name, not fail later in the middle of
+/// serving, and must not be changed. So the check runs on a read-only connection before any read-write one
+/// exists: closing a read-write connection would checkpoint the WAL into the damaged file. Only damage is
+/// reported here; any other trouble opening the file is left to the real open, which says what it is.
+fn check_integrity(path: &Path) -> Result<(), StoreError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let checked = (|| {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.query_row("PRAGMA quick_check(1)", [], |r| r.get::<_, String>(0))
+    })();
+    match checked {
+        Ok(check) if check == "ok" => Ok(()),
+        Ok(check) => Err(StoreError::Damaged(
+            path.to_owned(),
+            format!("integrity check: {check}"),
+        )),
+        Err(e) => match StoreError::opening(path, e) {
+            damaged @ StoreError::Damaged(..) => Err(damaged),
+            _ => Ok(()),
+        },
+    }
+}
+
 fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // Before anything writes: a damaged file (truncated, overwritten) must stop the start with its name, not
-    // fail later in the middle of serving, and must not be "repaired" by writes that drop what it holds.
-    let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
-    if check != "ok" {
-        return Err(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-            Some(format!("integrity check: {check}")),
-        ));
-    }
+
     // WAL lets `endpoint-agent status` read while the agent writes; FULL makes every commit durable
     // before it returns, which is what an ack to the broker promises.
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -1374,37 +1392,60 @@ mod tests {
     #[tokio::test]
     async fn truncated_database_is_refused_and_left_alone() {
         let dir = tempdir("truncated");
-        {
-            let (store, _) = Store::open(&dir, 3).unwrap();
-            let many: Vec<Intake> = (0..3000).map(|i| task(&format!("task-{i:05}"))).collect();
-            store.ingest(many).await.unwrap();
-        }
-        // The writer thread checkpoints and closes once the last handle is gone.
-        for _ in 0..100 {
-            if !dir.join(format!("{DB_FILE}-wal")).exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
         let path = dir.join(DB_FILE);
-        let bytes = std::fs::read(&path).unwrap();
-        assert!(bytes.len() > 4 * 4096, "the database grew past a few pages");
-        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-        let _ = std::fs::remove_file(dir.join(format!("{DB_FILE}-wal")));
-        let _ = std::fs::remove_file(dir.join(format!("{DB_FILE}-shm")));
-        let err = Store::open(&dir, 3)
-            .err()
-            .expect("a truncated database must not open");
-        assert!(matches!(err, StoreError::Damaged(..)), "{err}");
-        assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
-        );
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            bytes[..bytes.len() / 2],
-            "the file was not touched"
-        );
+        let wal = dir.join(format!("{DB_FILE}-wal"));
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let many: Vec<Intake> = (0..3000).map(|i| task(&format!("task-{i:05}"))).collect();
+        store.ingest(many).await.unwrap();
+        // Most pages in the database file, the latest ones in the WAL.
+        Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+        store
+            .ingest(vec![task("late-1"), task("late-2")])
+            .await
+            .unwrap();
+        // A crash leaves the database with a WAL of committed pages beside it: copy both as they are now.
+        let (bytes, wal_bytes) = (std::fs::read(&path).unwrap(), std::fs::read(&wal).unwrap());
+        drop(store);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let check = |with_wal: bool, with_shm: bool| {
+            let _ = std::fs::remove_file(&wal);
+            let _ = std::fs::remove_file(dir.join(format!("{DB_FILE}-shm")));
+            let cut = &bytes[..bytes.len() / 2];
+            std::fs::write(&path, cut).unwrap();
+            if with_wal {
+                std::fs::write(&wal, &wal_bytes).unwrap();
+            }
+            if with_shm {
+                // A reader builds the WAL index (the -shm file) and leaves it behind, as a crash does.
+                let c =
+                    Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                        .unwrap();
+                let _ = c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+                    r.get::<_, i64>(0)
+                });
+            }
+            let err = Store::open(&dir, 3)
+                .err()
+                .expect("a truncated database must not open");
+            assert!(
+                matches!(err, StoreError::Damaged(..)),
+                "wal {with_wal} shm {with_shm}: {err}"
+            );
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+            assert!(
+                std::fs::read(&path).unwrap() == cut,
+                "wal {with_wal} shm {with_shm}: the file was changed"
+            );
+        };
+        check(false, false);
+        check(true, false);
+        check(true, true);
     }
 
     fn tempdir(name: &str) -> PathBuf {
