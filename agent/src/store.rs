@@ -936,7 +936,10 @@ fn claim(
     }
     let suspect: Option<(i64, i64)> = tx
         .prepare_cached(
-            "SELECT seq, state FROM tasks WHERE suspect = 1 AND state IN (?1, ?2) ORDER BY state DESC, seq LIMIT 1",
+            // INDEXED BY: left to itself the planner walks tasks_by_state for `state IN (..)` and reads every
+            // queued row to test `suspect`, which made each claim cost O(backlog). Suspects are few.
+            "SELECT seq, state FROM tasks INDEXED BY tasks_suspect
+             WHERE suspect = 1 AND state IN (?1, ?2) ORDER BY state DESC, seq LIMIT 1",
         )?
         .query_row([QUEUED, RUNNING], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
