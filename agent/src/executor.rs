@@ -282,11 +282,10 @@ fn kill_group(pgid: Option<u32>) {
     }
 }
 
-/// Wakes workers when tasks are queued, and the publisher when results are stored; and what the slots learned
-/// about how long each function's tasks take (to size their claims).
+/// Wakes the publisher when results are stored (workers learn of new tasks from their parked claims), and keeps
+/// what the slots learned about how long each function's tasks take (to size their claims).
 #[derive(Debug, Default)]
 pub struct Signals {
-    pub new_tasks: Notify,
     pub new_results: Notify,
     run_times: std::sync::Mutex<HashMap<String, Duration>>,
 }

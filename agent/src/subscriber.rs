@@ -161,10 +161,15 @@ impl Subscriber {
                 .last()
                 .map(|d| d.delivery_tag)
                 .expect("batch holds at least the first delivery");
+            // The payloads now live in `intake`: let the deliveries' copies go before the commit.
+            drop(batch);
             loop {
                 match self.store.ingest(intake.clone()).await {
                     Ok(out) => {
                         retry.reset();
+                        if out.rejected > 0 {
+                            self.signals.new_results.notify_one();
+                        }
                         if out.duplicates > 0 {
                             tracing::info!(
                                 duplicates = out.duplicates,
@@ -188,8 +193,6 @@ impl Subscriber {
                     }
                 }
             }
-            // Committed, so the tasks may run now; should the ack be lost, the redeliveries are de-duplicated.
-            self.signals.new_tasks.notify_waiters();
             channel
                 .basic_ack(last_tag, BasicAckOptions { multiple: true })
                 .await
@@ -221,19 +224,26 @@ impl Subscriber {
                     "read a task the AMQP client library could not parse (it broke the connection)"
                 );
             }
-            while let Err(e) = self
-                .store
-                .ingest(intake.clone().into_iter().collect())
-                .await
-            {
-                tracing::error!(error = %e, "cannot commit a received task; not acking it, retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => { raw.close().await; return Ok(()) }
-                    _ = tokio::time::sleep(retry.next_delay()) => {}
+            loop {
+                match self
+                    .store
+                    .ingest(intake.clone().into_iter().collect())
+                    .await
+                {
+                    Ok(out) if out.rejected > 0 => self.signals.new_results.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot commit a received task; not acking it, retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => { raw.close().await; return Ok(()) }
+                            _ = tokio::time::sleep(retry.next_delay()) => {}
+                        }
+                        continue;
+                    }
                 }
+                break;
             }
             raw.ack(message.delivery_tag).await?;
-            self.signals.new_tasks.notify_waiters();
             if unparsable {
                 break;
             }
