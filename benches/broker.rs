@@ -441,13 +441,11 @@ impl Service {
                 });
             }
             while let Some(done) = tasks.try_join_next() {
-                done.context("a submit task panicked")?
-                    .context("while submitting tasks")?;
+                submitted(done)?;
             }
         }
         while let Some(done) = tasks.join_next().await {
-            done.context("a submit task panicked")?
-                .context("while submitting tasks")?;
+            submitted(done)?;
         }
         Ok(())
     }
@@ -489,13 +487,11 @@ impl Service {
                 tasks.spawn(async move { submitter.submit(&ep, specs).await });
             }
             while let Some(done) = tasks.try_join_next() {
-                done.context("a submit task panicked")?
-                    .context("while submitting tasks")?;
+                submitted(done)?;
             }
         }
         while let Some(done) = tasks.join_next().await {
-            done.context("a submit task panicked")?
-                .context("while submitting tasks")?;
+            submitted(done)?;
         }
         Ok(())
     }
@@ -535,4 +531,13 @@ async fn receive(mut consumer: lapin::Consumer, current: Arc<Mutex<Option<Arc<Ru
             state.receive(seq, at);
         }
     }
+}
+
+/// The outcome of one spawned submit task.
+fn submitted<T, E: std::error::Error + Send + Sync + 'static>(
+    done: std::result::Result<std::result::Result<T, E>, tokio::task::JoinError>,
+) -> Result<()> {
+    done.context("a submit task panicked")?
+        .context("while submitting tasks")?;
+    Ok(())
 }

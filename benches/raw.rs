@@ -9,13 +9,14 @@
 
 use anyhow::{Context, Result, bail};
 use endpoint_agent::connection::BrokerUrl;
+use endpoint_agent::store::TaskResult;
 use endpoint_agent::wire::{self, EndpointId, Status};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -178,24 +179,16 @@ async fn check(confirm: Option<PublisherConfirm>) -> Result<()> {
     }
 }
 
-/// The properties the agent's publisher puts on an `echo` result (agent/src/publisher.rs `result_properties`):
-/// `echo` has no exit code, runs once and takes well under a millisecond.
+/// The properties the agent's publisher puts on an `echo` result: `echo` has no exit code, runs once and takes
+/// well under a millisecond.
 fn result_properties(endpoint_id: &str, task_id: &str) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        wire::HEADER_ENDPOINT_ID.into(),
-        AMQPValue::LongString(endpoint_id.into()),
-    );
-    headers.insert(
-        wire::HEADER_STATUS.into(),
-        AMQPValue::LongString(Status::Ok.as_str().into()),
-    );
-    headers.insert(wire::HEADER_ATTEMPTS.into(), AMQPValue::LongLongInt(1));
-    headers.insert(wire::HEADER_DURATION_MS.into(), AMQPValue::LongLongInt(0));
-    BasicProperties::default()
-        .with_message_id(task_id.into())
-        .with_correlation_id(task_id.into())
-        .with_delivery_mode(2)
-        .with_timestamp(wire::now_ms() / 1000)
-        .with_headers(headers)
+    let echo = TaskResult {
+        task_id: task_id.to_owned(),
+        status: Status::Ok,
+        exit_code: None,
+        attempts: 1,
+        duration_ms: 0,
+        body: Vec::new(),
+    };
+    endpoint_agent::result_properties(endpoint_id, &echo)
 }

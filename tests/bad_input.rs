@@ -31,20 +31,7 @@ async fn bad_input_gets_clear_rejections() {
             if let Some(h) = headers {
                 props = props.with_headers(h);
             }
-            async move {
-                channel
-                    .basic_publish(
-                        "tasks".into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props,
-                    )
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("confirm");
-            }
+            async move { publish_task(&channel, &key, props, &body).await }
         };
     let run = format!("{}", endpoint_agent::wire::now_ms());
     let id = |name: &str| format!("{name}-{run}");
@@ -161,7 +148,9 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
             let mut conn = RawConnection::open(&url, "test raw publisher")
                 .await
                 .expect("raw connection");
-            let sent = conn.publish("tasks", &key, &props, b"raw").await;
+            let sent = conn
+                .publish(endpoint_agent::wire::TASKS_EXCHANGE, &key, &props, b"raw")
+                .await;
             conn.close().await;
             if let Err(e) = &sent {
                 // Documented behaviour: the broker protects the agent by refusing the message.
@@ -204,20 +193,7 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
             .with_message_id(id.as_str().into())
             .with_type(kind.into())
             .with_headers(headers);
-        async move {
-            channel
-                .basic_publish(
-                    "tasks".into(),
-                    key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("confirm");
-        }
+        async move { publish_task(&channel, &key, props, &body).await }
     };
     let mut huge = FieldTable::default();
     huge.insert(
@@ -314,4 +290,21 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
         "something besides the expected results was answered"
     );
     assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
+}
+
+/// Publishes a task with exactly these properties to the tasks exchange (no service-side checks) and waits for
+/// the broker's confirm.
+async fn publish_task(channel: &lapin::Channel, key: &str, props: BasicProperties, body: &[u8]) {
+    channel
+        .basic_publish(
+            endpoint_agent::wire::TASKS_EXCHANGE.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
 }

@@ -36,11 +36,8 @@ async fn connection_cuts_lose_nothing() {
     service
         .await_results(&ids, Duration::from_secs(120), &[&agent])
         .await;
-    for id in &ids {
-        assert_eq!(service.result(id).status, "ok", "{id}");
-    }
     // Duplicates are allowed (at-least-once), but each carries its task id and none is unanswered.
-    assert_eq!(service.received.len(), ids.len());
+    service.assert_all_ok(&ids);
     let reconnects = local_status(&dir.0.join("data"))["reconnects"].as_u64();
     assert!(
         reconnects >= Some(1),
@@ -65,10 +62,7 @@ async fn sigkill_and_restart_lose_nothing() {
     service
         .await_results(&ids, Duration::from_secs(120), &[&agent])
         .await;
-    for id in &ids {
-        assert_eq!(service.result(id).status, "ok", "{id}");
-    }
-    assert_eq!(service.received.len(), ids.len());
+    service.assert_all_ok(&ids);
     agent.terminate(Duration::from_secs(30));
 }
 
@@ -286,15 +280,7 @@ async fn sigkill_while_receiving_running_and_publishing() {
     service
         .await_results(&ids, Duration::from_secs(180), &[&agent])
         .await;
-    for id in &ids {
-        assert_eq!(service.result(id).status, "ok", "{id}");
-    }
-    assert_eq!(
-        service.received.len(),
-        ids.len(),
-        "a result for an unknown id"
-    );
-    service.assert_duplicates_identical();
+    service.assert_all_ok(&ids);
     // A task runs again only if it was running (claimed) when the agent died.
     let charged = running_1 + running_2 + running_3;
     let rerun: Vec<(&String, Option<u32>)> = service

@@ -584,6 +584,15 @@ impl Service {
         }
     }
 
+    /// Every id in `ids` has an `ok` result, no result came for an id not in `ids`, and duplicates are identical.
+    pub fn assert_all_ok(&self, ids: &[String]) {
+        for id in ids {
+            assert_eq!(self.result(id).status, "ok", "{id}");
+        }
+        assert_eq!(self.received.len(), ids.len(), "a result for an unknown id");
+        self.assert_duplicates_identical();
+    }
+
     /// The latest heartbeat's state as the service reads it (`running`, `disk_full`, ...), if any.
     pub async fn heartbeat_state(&self) -> Option<String> {
         let status = service_setup::endpoint_status(&self.conn, &self.endpoint)

@@ -15,6 +15,8 @@ pub mod store;
 mod subscriber;
 pub mod wire;
 
+pub use publisher::result_properties;
+
 use config::Config;
 use connection::{Link, RegistrationError};
 use executor::Signals;

@@ -345,7 +345,9 @@ fn start_marking(store: &Store, ids: Vec<i64>) -> Marking {
     Box::pin(async move { store.mark_published(ids).await })
 }
 
-fn result_properties(endpoint_id: &str, r: &TaskResult) -> BasicProperties {
+/// The AMQP properties of a result as the agent publishes it (docs/protocol.md); public so that the benchmark's
+/// raw client publishes exactly the same.
+pub fn result_properties(endpoint_id: &str, r: &TaskResult) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         wire::HEADER_ENDPOINT_ID.into(),
