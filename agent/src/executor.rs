@@ -379,7 +379,12 @@ pub async fn worker(
                     }
                     Err(e) => {
                         // Disk full or similar: keep the results in memory and try again; never drop them.
-                        tracing::error!(error = %e, "cannot store results or claim tasks; retrying");
+                        // A full disk was logged once by the store; other errors are worth a line each time.
+                        if e.is_disk_full() {
+                            tracing::debug!(error = %e, "disk still full; keeping results in memory, retrying");
+                        } else {
+                            tracing::error!(error = %e, "cannot store results or claim tasks; retrying");
+                        }
                         tokio::select! {
                             _ = kill.cancelled() => return,
                             _ = tokio::time::sleep(retry.next_delay()) => continue,
