@@ -143,10 +143,13 @@ fn start(
         .build()
         .context("while starting the async runtime")?;
     runtime.block_on(async move {
-        let shutdown = async {
-            first_signal().await;
-            tokio::spawn(async {
-                first_signal().await;
+        // Handlers first, before the start-up work: a signal that arrives while the agent opens its database or
+        // registers is kept and stops it gracefully once it is up, instead of killing it outright.
+        let mut signals = StopSignals::install();
+        let shutdown = async move {
+            signals.next().await;
+            tokio::spawn(async move {
+                signals.next().await;
                 eprintln!("second signal: exiting now; unfinished tasks resume at the next start");
                 std::process::exit(130);
             });
@@ -156,19 +159,31 @@ fn start(
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn first_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the agent can still be stopped by SIGKILL; nothing is lost either way.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
+            // Without handlers the agent can still be stopped by SIGKILL; nothing is lost either way.
+            _ => StopSignals(None),
+        }
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT (never, without handlers).
+    async fn next(&mut self) {
+        let Some((term, int)) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
