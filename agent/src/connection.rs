@@ -468,11 +468,6 @@ impl Link {
             state: self.state.subscribe(),
             seq: Arc::new(AtomicU64::new(0)),
             blocked: blocked.subscribe(),
-            committed: tokio::sync::Mutex::new(
-                self.store
-                    .take_committed()
-                    .expect("the link is the only taker of the store's hand-off"),
-            ),
         };
         let subscriber = Subscriber {
             config: config.clone(),

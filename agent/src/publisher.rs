@@ -6,7 +6,7 @@
 use crate::config::Config;
 use crate::connection::{Backoff, BrokerError};
 use crate::executor::Signals;
-use crate::store::{Committed, Reader, Store, StoreError, TaskResult};
+use crate::store::{Reader, Store, StoreError, TaskResult};
 use crate::wire::{self, AgentState, Heartbeat};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -39,8 +39,6 @@ pub(crate) struct Publisher {
     pub seq: Arc<AtomicU64>,
     /// `Some(why)` while the broker blocks the publishing connection (a resource alarm).
     pub blocked: watch::Receiver<Option<String>>,
-    /// Results the store's writer hands over right after committing them (the fast path; reads cover the rest).
-    pub committed: tokio::sync::Mutex<Committed>,
 }
 
 async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel, BrokerError> {
@@ -83,12 +81,6 @@ impl Publisher {
         // Draining, and a read since found nothing: done once nothing is in flight.
         let mut drained = false;
         let mut blocked = self.blocked.clone();
-        let mut committed = self.committed.lock().await;
-        // A hand-off from the writer not yet looked at.
-        let mut handed: Option<Vec<(i64, TaskResult)>> = None;
-        // The writer is there as long as this publisher holds a store handle; checked anyway, so that a closed
-        // hand-off can never spin this loop.
-        let mut handoff_open = true;
         loop {
             // While the broker blocks us, publish nothing: results stay on disk and nothing piles up in the
             // client's buffers. A shutdown meanwhile leaves them pending for the next start. Confirms and marks
@@ -109,27 +101,6 @@ impl Publisher {
                 cursor = 0;
                 rescan = false;
                 fresh = true;
-            }
-            // A hand-off is used only if it follows the cursor without a gap (row ids of results grow by one per
-            // result); anything else, or no room for it, means a read, which sees every committed row.
-            if let Some(rows) = handed.take() {
-                let follows = rows.first().is_some_and(|(id, _)| *id == cursor + 1);
-                if follows && !is_blocked && !rescan && in_flight.len() + rows.len() <= WINDOW {
-                    if let Some((last, _)) = rows.last() {
-                        cursor = *last;
-                        drained = false;
-                    }
-                    for (id, r) in rows {
-                        let confirm = self.publish_result(&channel, &r).await?;
-                        in_flight.push_back(InFlight {
-                            id,
-                            task_id: r.task_id,
-                            confirm,
-                        });
-                    }
-                } else if rows.last().is_some_and(|(id, _)| *id > cursor) {
-                    fresh = true;
-                }
             }
             // With a rescan due, nothing new goes out until everything in flight is settled and the cursor is
             // back at the start, so that a refused result cannot be overtaken forever under a steady load.
@@ -171,11 +142,6 @@ impl Publisher {
                     } else {
                         // The timer also catches results no one announced (rejected tasks, stored on intake).
                         tokio::select! {
-                            rows = committed.recv(), if handoff_open => {
-                                handoff_open = rows.is_some();
-                                handed = rows;
-                                continue;
-                            }
                             _ = &mut notified => {}
                             _ = drain.cancelled() => {}
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -223,10 +189,6 @@ impl Publisher {
                         rescan = true;
                         tokio::time::sleep(failures.next_delay()).await;
                     }
-                }
-                rows = committed.recv(), if handoff_open && room && !fresh && handed.is_none() => {
-                    handoff_open = rows.is_some();
-                    handed = rows;
                 }
                 _ = &mut notified, if room && !fresh => fresh = true,
                 _ = std::future::ready(()), if room && fresh => {}

@@ -160,17 +160,7 @@ pub struct Store {
     /// `since <time>: <error>` while writes that need space fail (disk full), else `None`.
     disk_full: std::sync::Arc<watch::Sender<Option<String>>>,
     dir: PathBuf,
-    /// Where the writer hands results right after their commit; taken once by the publisher.
-    committed: std::sync::Arc<std::sync::Mutex<Option<Committed>>>,
 }
-
-/// Results handed over by the writer right after the commit that stored them, oldest first, each with its row
-/// id: the publisher's fast path (no read, no wait). Best effort: a hand-off that does not fit (the publisher is
-/// busy or away, or too many results at once) is dropped, and the publisher reads those rows from disk.
-pub type Committed = tokio::sync::mpsc::Receiver<Vec<(i64, TaskResult)>>;
-
-/// Most results in one hand-off; more than that at once is throughput, not latency, and goes through reads.
-const HANDOFF_MAX: usize = 64;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "agent.db";
@@ -190,16 +180,9 @@ impl Store {
         let counts = read_counts(&conn)?;
         let (counts_tx, counts_rx) = watch::channel(counts);
         let (tx, rx) = mpsc::channel();
-        let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(1);
-        let last: i64 =
-            conn.query_row("SELECT IFNULL(MAX(seq), 0) FROM results", [], |r| r.get(0))?;
-        let handoff = Handoff {
-            tx: handoff_tx,
-            last,
-        };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer(conn, rx, counts_tx, handoff))
+            .spawn(move || writer(conn, rx, counts_tx))
             .map_err(StoreError::Thread)?;
         Ok((
             Store {
@@ -207,7 +190,6 @@ impl Store {
                 counts: counts_rx,
                 disk_full: std::sync::Arc::new(watch::channel(None).0),
                 dir: dir.to_owned(),
-                committed: std::sync::Arc::new(std::sync::Mutex::new(Some(handoff_rx))),
             },
             recovery,
         ))
@@ -288,14 +270,6 @@ impl Store {
             }
             _ => {}
         }
-    }
-
-    /// The hand-off of freshly committed results (see [`Committed`]); `None` once taken.
-    pub fn take_committed(&self) -> Option<Committed> {
-        self.committed
-            .lock()
-            .expect("the hand-off slot is never poisoned")
-            .take()
     }
 
     /// `Some("since <time>: <error>")` while the database cannot grow; `changed()` wakes at every change.
@@ -573,40 +547,7 @@ const MARK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 /// A parked [`Command::WaitAndClaim`]: how many tasks it takes, and where they go.
 type Parked = (Want, Reply<Vec<ClaimedTask>>);
 
-/// The writer's side of [`Committed`]: `last` is the newest result row handed over or skipped.
-struct Handoff {
-    tx: tokio::sync::mpsc::Sender<Vec<(i64, TaskResult)>>,
-    last: i64,
-}
-
-impl Handoff {
-    /// Hands the results committed since the last hand-off to the publisher, if they are few and it has room.
-    fn send(&mut self, conn: &Connection) {
-        match pending(conn, self.last, HANDOFF_MAX + 1) {
-            Ok(rows) if rows.len() <= HANDOFF_MAX => {
-                if let Some((last, _)) = rows.last() {
-                    self.last = *last;
-                    let _ = self.tx.try_send(rows);
-                }
-            }
-            // Too many at once, or unreadable: the publisher reads them; skip past them here.
-            _ => {
-                if let Ok(last) =
-                    conn.query_row("SELECT IFNULL(MAX(seq), 0) FROM results", [], |r| r.get(0))
-                {
-                    self.last = last;
-                }
-            }
-        }
-    }
-}
-
-fn writer(
-    mut conn: Connection,
-    rx: mpsc::Receiver<Command>,
-    counts: watch::Sender<Counts>,
-    mut handoff: Handoff,
-) {
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, counts: watch::Sender<Counts>) {
     const MAX_BATCH: usize = 4096;
     let mut parked: std::collections::VecDeque<Parked> = std::collections::VecDeque::new();
     while let Ok(first) = rx.recv() {
@@ -643,7 +584,7 @@ fn writer(
         if batch.is_empty() {
             continue;
         }
-        let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts, &mut handoff);
+        let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts);
         // Tasks claimed for a caller that went away meanwhile: back to the queue, attempt not counted.
         while !orphans.is_empty() {
             let (reply, _rx) = oneshot::channel();
@@ -652,7 +593,6 @@ fn writer(
                 vec![Command::Requeue(orphans, reply)],
                 &mut parked,
                 &counts,
-                &mut handoff,
             );
         }
     }
@@ -707,7 +647,6 @@ fn run_batch(
     batch: Vec<Command>,
     parked: &mut std::collections::VecDeque<Parked>,
     counts_tx: &watch::Sender<Counts>,
-    handoff: &mut Handoff,
 ) -> Vec<String> {
     let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
     let mut counts = *counts_tx.borrow();
@@ -759,10 +698,6 @@ fn run_batch(
     })();
     match outcome {
         Ok(()) => {
-            // Results were stored: hand them to the publisher before anyone hears of the commit.
-            if counts.done > counts_tx.borrow().done {
-                handoff.send(conn);
-            }
             counts_tx.send_if_modified(|c| {
                 let changed = *c != counts;
                 *c = counts;
