@@ -163,35 +163,8 @@ impl Subscriber {
                 .expect("batch holds at least the first delivery");
             // The payloads now live in `intake`: let the deliveries' copies go before the commit.
             drop(batch);
-            loop {
-                match self.store.ingest(intake.clone()).await {
-                    Ok(out) => {
-                        retry.reset();
-                        if out.rejected > 0 {
-                            self.signals.new_results.notify_one();
-                        }
-                        if out.duplicates > 0 {
-                            tracing::info!(
-                                duplicates = out.duplicates,
-                                "task ids already on disk were not queued again"
-                            );
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        // Not acked: the deliveries stay ours (or the broker's, if we stop) until a commit works.
-                        // Disk full was logged once by the store; other errors are worth a line each time.
-                        if e.is_disk_full() {
-                            tracing::debug!(error = %e, "disk still full; not acking received tasks, retrying");
-                        } else {
-                            tracing::error!(error = %e, "cannot commit received tasks; not acking them, retrying");
-                        }
-                        tokio::select! {
-                            _ = stop.cancelled() => return close(channel, &consumer).await,
-                            _ = tokio::time::sleep(retry.next_delay()) => {}
-                        }
-                    }
-                }
+            if !self.commit(intake, &mut retry, stop).await {
+                return close(channel, &consumer).await;
             }
             channel
                 .basic_ack(last_tag, BasicAckOptions { multiple: true })
@@ -199,6 +172,45 @@ impl Subscriber {
                 .map_err(|e| BrokerError::amqp("while acking tasks", e))?;
         }
         close(channel, &consumer).await
+    }
+
+    /// Commits received tasks, retrying with backoff until it works (a full disk); nothing may be acked before.
+    /// False if `stop` came first: the deliveries stay unacked and go back to the broker.
+    async fn commit(
+        &self,
+        intake: Vec<Intake>,
+        retry: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> bool {
+        loop {
+            match self.store.ingest(intake.clone()).await {
+                Ok(out) => {
+                    retry.reset();
+                    if out.rejected > 0 {
+                        self.signals.new_results.notify_one();
+                    }
+                    if out.duplicates > 0 {
+                        tracing::info!(
+                            duplicates = out.duplicates,
+                            "task ids already on disk were not queued again"
+                        );
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    // Disk full was logged once by the store; other errors are worth a line each time.
+                    if e.is_disk_full() {
+                        tracing::debug!(error = %e, "disk still full; not acking received tasks, retrying");
+                    } else {
+                        tracing::error!(error = %e, "cannot commit received tasks; not acking them, retrying");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(retry.next_delay()) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Reads the deliveries that were in flight when lapin failed to parse one (the broker gave them back,
@@ -224,24 +236,12 @@ impl Subscriber {
                     "read a task the AMQP client library could not parse (it broke the connection)"
                 );
             }
-            loop {
-                match self
-                    .store
-                    .ingest(intake.clone().into_iter().collect())
-                    .await
-                {
-                    Ok(out) if out.rejected > 0 => self.signals.new_results.notify_one(),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot commit a received task; not acking it, retrying");
-                        tokio::select! {
-                            _ = stop.cancelled() => { raw.close().await; return Ok(()) }
-                            _ = tokio::time::sleep(retry.next_delay()) => {}
-                        }
-                        continue;
-                    }
-                }
-                break;
+            if !self
+                .commit(intake.into_iter().collect(), &mut retry, stop)
+                .await
+            {
+                raw.close().await;
+                return Ok(());
             }
             raw.ack(message.delivery_tag).await?;
             if unparsable {
