@@ -17,22 +17,6 @@ fn mixed_tasks(n: usize, tag: &str) -> Vec<service_setup::TaskSpec> {
         .collect()
 }
 
-/// Polls `endpoint-agent status --json` until `check` holds, up to `limit`; returns the last status.
-async fn wait_status(
-    data: &std::path::Path,
-    limit: Duration,
-    check: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let s = local_status(data);
-        if check(&s) || Instant::now() > deadline {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_loses_nothing() {
     let ep = unique_endpoint("restart");

@@ -187,10 +187,7 @@ async fn chaos_loses_nothing() {
     );
     // The last fault may have been a SIGKILL a moment ago: a SIGTERM before the new process has its handlers
     // would kill it outright. It holds the data dir's lock (`online`) only once they are installed.
-    let up = Instant::now();
-    while up.elapsed() < Duration::from_secs(60) && local_status(&data)["online"] != true {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_status(&data, Duration::from_secs(60), |s| s["online"] == true).await;
     assert_eq!(agent.terminate(Duration::from_secs(60)), Some(0));
     let local = local_status(&data);
     assert_eq!(

@@ -903,14 +903,29 @@ pub fn task(function: &str, payload: &[u8]) -> TaskSpec {
     }
 }
 
-/// Waits (up to 5 s) until the agent on `data_dir` reports `n` tasks running.
-pub async fn wait_running(data_dir: &Path, n: u64) {
-    for _ in 0..100 {
-        if local_status(data_dir)["tasks_running"] == n {
-            return;
+/// Polls `endpoint-agent status --json` of `data_dir` until `check` holds, up to `limit`; returns the last
+/// status.
+pub async fn wait_status(
+    data_dir: &Path,
+    limit: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = local_status(data_dir);
+        if check(&s) || Instant::now() > deadline {
+            return s;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits (up to 5 s) until the agent on `data_dir` reports `n` tasks running.
+pub async fn wait_running(data_dir: &Path, n: u64) {
+    wait_status(data_dir, Duration::from_secs(5), |s| {
+        s["tasks_running"] == n
+    })
+    .await;
 }
 
 /// Runs `endpoint-agent status --data-dir DIR --json` and parses it.
