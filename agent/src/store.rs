@@ -145,8 +145,6 @@ enum Command {
     /// Puts tasks interrupted by shutdown (or claimed but not started) back in the queue, not counting the run
     /// as an attempt.
     Requeue(Vec<String>, Reply<()>),
-    /// A read: answered at once from committed rows, outside any write transaction.
-    PendingResults(i64, usize, Reply<Vec<(i64, TaskResult)>>),
     MarkPublished(Vec<i64>, Reply<()>),
     Prune(u64, Reply<u64>),
     SetMeta(String, String, Reply<()>),
@@ -283,18 +281,6 @@ impl Store {
             return Ok(());
         }
         self.call(|r| Command::Requeue(task_ids, r)).await
-    }
-
-    /// Up to `limit` unpublished results with a row id above `after`, oldest first, each with its row id for
-    /// [`Store::mark_published`]. Row ids only grow, so a caller can page with the last id it saw. Reads only
-    /// committed rows and waits for no commit (the publisher reads through a [`Reader`] instead).
-    pub async fn pending_results(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<(i64, TaskResult)>, StoreError> {
-        self.call(|r| Command::PendingResults(after, limit, r))
-            .await
     }
 
     pub async fn mark_published(&self, ids: Vec<i64>) -> Result<(), StoreError> {
@@ -506,7 +492,9 @@ impl Reader {
         Ok(Reader { conn })
     }
 
-    /// Like [`Store::pending_results`].
+    /// Up to `limit` unpublished results with a row id above `after`, oldest first, each with its row id for
+    /// [`Store::mark_published`]. Row ids only grow, so a caller can page with the last id it saw. Sees only
+    /// committed rows and waits for no commit.
     pub fn pending_results(
         &self,
         after: i64,
@@ -551,38 +539,24 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Command>, counts: watch::Send
     const MAX_BATCH: usize = 4096;
     let mut parked: std::collections::VecDeque<Parked> = std::collections::VecDeque::new();
     while let Ok(first) = rx.recv() {
-        let mut batch = Vec::with_capacity(16);
-        let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            match cmd {
-                // Reads see only committed rows and need no commit: answered now, not after the next fsync.
-                Command::PendingResults(after, limit, reply) => {
-                    let _ = reply.send(pending(&conn, after, limit));
-                }
-                cmd => batch.push(cmd),
-            }
-            if batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
             }
         }
         // A batch of nothing but "published" marks is not urgent (a mark lost in a crash only means a result
         // is published twice): it waits a little for a command that needs a commit anyway and rides along.
-        while !batch.is_empty()
-            && batch.len() < MAX_BATCH
+        while batch.len() < MAX_BATCH
             && batch
                 .iter()
                 .all(|c| matches!(c, Command::MarkPublished(..)))
         {
             match rx.recv_timeout(MARK_DELAY) {
-                Ok(Command::PendingResults(after, limit, reply)) => {
-                    let _ = reply.send(pending(&conn, after, limit));
-                }
                 Ok(cmd) => batch.push(cmd),
                 Err(_) => break,
             }
-        }
-        if batch.is_empty() {
-            continue;
         }
         let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts);
         // Tasks claimed for a caller that went away meanwhile: back to the queue, attempt not counted.
@@ -768,7 +742,6 @@ fn execute(tx: &rusqlite::Transaction, cmd: Command, d: &mut Counts) -> (Deferre
             })();
             done(reply, r)
         }
-        Command::PendingResults(after, limit, reply) => done(reply, pending(tx, after, limit)),
         Command::MarkPublished(ids, reply) => {
             let r = (|| {
                 let now = crate::wire::now_ms() as i64;
@@ -1117,7 +1090,7 @@ mod tests {
             }
         );
 
-        let pending = store.pending_results(0, 10).await.unwrap();
+        let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
         let ids: Vec<_> = pending.iter().map(|(_, r)| r.task_id.as_str()).collect();
         assert_eq!(ids, ["c", "a", "b"]);
         assert_eq!(pending[0].1.status, Status::Rejected);
@@ -1128,7 +1101,14 @@ mod tests {
         assert_eq!(counts(&store).results_pending, 1);
         assert_eq!(store.prune(crate::wire::now_ms() + 1).await.unwrap(), 2);
         assert_eq!(counts(&store).done, 1);
-        assert_eq!(store.pending_results(0, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            Reader::open(&dir)
+                .unwrap()
+                .pending_results(0, 10)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -1142,7 +1122,7 @@ mod tests {
                 assert_eq!(rec.requeued, 1, "round {round}");
             } else {
                 assert_eq!(rec.given_up, 1);
-                let pending = store.pending_results(0, 10).await.unwrap();
+                let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
                 assert_eq!(pending[0].1.status, Status::Failed);
                 assert_eq!(pending[0].1.attempts, 3);
                 return;
@@ -1221,9 +1201,12 @@ mod tests {
             }
         );
         // Paging past a row id.
-        let page = store.pending_results(0, 2).await.unwrap();
+        let page = Reader::open(&dir).unwrap().pending_results(0, 2).unwrap();
         assert_eq!(page.len(), 2);
-        let next = store.pending_results(page[1].0, 10).await.unwrap();
+        let next = Reader::open(&dir)
+            .unwrap()
+            .pending_results(page[1].0, 10)
+            .unwrap();
         let ids: Vec<_> = next.iter().map(|(_, r)| r.task_id.as_str()).collect();
         assert_eq!(ids, ["c"]);
     }
