@@ -205,6 +205,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     maintenance.abort();
     disk_watch.abort();
+    // The process may exit before the writer thread has closed its connection (which would checkpoint): fold
+    // the WAL into the database now, so a clean stop leaves `agent.db` complete on its own.
+    if let Err(e) = store.checkpoint().await {
+        tracing::warn!(error = %e, "cannot checkpoint the database; its WAL file holds the latest commits");
+    }
     tracing::info!("stopped");
     Ok(())
 }
