@@ -66,6 +66,90 @@ async fn thousand_echo_tasks_round_trip() {
     agent.terminate(Duration::from_secs(30));
 }
 
+/// `echo` runs on arrival: a first delivery is stored with its result in the commit that acks it, no executor
+/// slot involved. A redelivered task (unacked when its channel died: perhaps its run stopped an agent) is not:
+/// it goes through the disk queue and a slot, which counts its attempt before running it. The agent's debug log
+/// tells the paths apart (a slot logs "running" for each task it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_deliveries_run_on_arrival_redelivered_ones_from_the_disk_queue() {
+    use futures_lite::StreamExt;
+    let ep = unique_endpoint("arrival");
+    let dir = TempDir::new("arrival");
+    let mut service = Service::provision(&ep, 2).await;
+    let again = service
+        .submit((0..5).map(|i| echo(&format!("again-{i}"))).collect())
+        .await;
+    // Someone takes them and never acks: once its channel closes, the broker requeues them as redelivered.
+    let thief = service.conn.create_channel().await.expect("channel");
+    let mut consumer = thief
+        .basic_consume(
+            ep.tasks_queue().as_str().into(),
+            "thief".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    for _ in &again {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the tasks reach the test's consumer")
+            .expect("consumer open")
+            .expect("delivery");
+        assert!(!d.redelivered);
+    }
+    thief.close(200, "gone".into()).await.expect("close");
+
+    let agent = Agent::start(&AgentOptions::new(&ep, &dir.0.join("data")));
+    let fresh = service
+        .submit((0..5).map(|i| echo(&format!("fresh-{i}"))).collect())
+        .await;
+    let all: Vec<String> = again.iter().chain(&fresh).cloned().collect();
+    service
+        .await_results(&all, Duration::from_secs(60), &[&agent])
+        .await;
+    service.assert_all_ok(&all);
+    for id in &all {
+        let r = service.result(id);
+        assert_eq!(r.attempts, Some(1), "{id}");
+        assert!(r.body.starts_with(b"again-") || r.body.starts_with(b"fresh-"));
+    }
+    let log = strip_ansi(&agent.log_text());
+    let ran_in_slot = |id: &str| {
+        log.lines()
+            .any(|l| l.contains(" running ") && l.contains(&format!("task_id={id} ")))
+    };
+    for id in &again {
+        assert!(
+            ran_in_slot(id),
+            "redelivered {id} should run in a slot:\n{log}"
+        );
+    }
+    for id in &fresh {
+        assert!(!ran_in_slot(id), "fresh {id} should run on arrival:\n{log}");
+    }
+    assert_eq!(local_status(&dir.0.join("data"))["tasks_done"], 10);
+    agent.terminate(Duration::from_secs(30));
+}
+
+/// The agent's log as plain text (it colours its fields when it thinks it may).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 const COMMANDS: &str = r#"
 reconnect_min_ms = 100
 reconnect_max_ms = 1000

@@ -32,12 +32,19 @@ pub enum Intake {
         function: String,
         reason: String,
     },
+    /// A task already run on arrival (see `executor::run_on_arrival`): recorded as done with its result.
+    Ran {
+        function: String,
+        result: TaskResult,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
     pub queued: u64,
     pub rejected: u64,
+    /// Tasks that came with their result ([`Intake::Ran`]).
+    pub ran: u64,
     /// Task ids already on disk (a redelivery, or the same id submitted twice): not run again.
     pub duplicates: u64,
 }
@@ -829,13 +836,6 @@ fn ingest(
                 function,
                 reason,
             } => {
-                let empty: &[u8] = &[];
-                if insert.execute(params![task_id, function, empty, None::<i64>, RUNNING, now])?
-                    == 0
-                {
-                    out.duplicates += 1;
-                    continue;
-                }
                 let result = TaskResult {
                     task_id,
                     status: Status::Rejected,
@@ -844,14 +844,50 @@ fn ingest(
                     duration_ms: 0,
                     body: reason.into_bytes(),
                 };
-                finish(tx, &result)?;
-                out.rejected += 1;
-                d.done = d.done.wrapping_add(1);
-                d.results_pending = d.results_pending.wrapping_add(1);
+                if insert_done(tx, &mut insert, &function, &result, now, d)? {
+                    out.rejected += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+            Intake::Ran { function, result } => {
+                if insert_done(tx, &mut insert, &function, &result, now, d)? {
+                    out.ran += 1;
+                } else {
+                    out.duplicates += 1;
+                }
             }
         }
     }
     Ok(out)
+}
+
+/// Records a task that arrives with its result: inserted without its payload, then finished. False if its id is
+/// already on disk (a duplicate: the result on disk, if any, stands and this one is dropped).
+fn insert_done(
+    tx: &rusqlite::Transaction,
+    insert: &mut rusqlite::CachedStatement,
+    function: &str,
+    result: &TaskResult,
+    now: i64,
+    d: &mut Counts,
+) -> Result<bool, StoreError> {
+    let empty: &[u8] = &[];
+    if insert.execute(params![
+        result.task_id,
+        function,
+        empty,
+        None::<i64>,
+        RUNNING,
+        now
+    ])? == 0
+    {
+        return Ok(false);
+    }
+    finish(tx, result)?;
+    d.done = d.done.wrapping_add(1);
+    d.results_pending = d.results_pending.wrapping_add(1);
+    Ok(true)
 }
 
 /// Marks the task done (dropping its payload) and stores its result. Returns false if the task was not running
@@ -1122,6 +1158,57 @@ mod tests {
                 .unwrap()
                 .len(),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_task_run_on_arrival_is_stored_done_with_its_result() {
+        let dir = tempdir("ran");
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        let ran = |id: &str, body: &str| Intake::Ran {
+            function: "echo".into(),
+            result: TaskResult {
+                task_id: id.into(),
+                status: Status::Ok,
+                exit_code: None,
+                attempts: 1,
+                duration_ms: 0,
+                body: body.into(),
+            },
+        };
+        let out = store
+            .ingest(vec![
+                task("q"),
+                ran("r", "first"),
+                ran("r", "second"),
+                ran("q", "x"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!((out.queued, out.ran, out.duplicates), (1, 1, 2));
+        // A redelivery of a task stored with its result is a duplicate too.
+        let out = store.ingest(vec![task("r")]).await.unwrap();
+        assert_eq!((out.queued, out.duplicates), (0, 1));
+        assert_eq!(
+            counts(&store),
+            Counts {
+                queued: 1,
+                running: 0,
+                done: 1,
+                results_pending: 1
+            }
+        );
+        let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (pending[0].1.task_id.as_str(), pending[0].1.body.as_slice()),
+            ("r", b"first".as_slice())
+        );
+        // The task that was queued before its id came again with a result is still queued, unchanged.
+        let q = fc(&store, None, true).await.unwrap();
+        assert_eq!(
+            (q.task_id.as_str(), q.payload.as_slice()),
+            ("q", b"q".as_slice())
         );
     }
 

@@ -1,11 +1,13 @@
 //! Takes tasks from the broker: an exclusive consumer on `<EP>.tasks` with a prefetch, group-committing every
 //! delivery to the store before one `multiple` ack. Bad input becomes a `rejected` result (or, with no task
 //! id, a logged drop). Above the local backlog it stops taking deliveries so the work stays in the broker.
-//! When another agent holds the queue it stands by and retries. Imports lapin; never runs tasks.
+//! When another agent holds the queue it stands by and retries. Imports lapin. Runs no task itself: a first
+//! delivery of an instant function (`echo`) is handed to [`executor::run_on_arrival`] and committed with its
+//! result, everything else is queued for the executor slots.
 
 use crate::config::Config;
 use crate::connection::{Backoff, BrokerError};
-use crate::executor::Signals;
+use crate::executor::{self, Signals};
 use crate::raw::{FieldValue, RawConnection, RawError, RawMessage};
 use crate::store::{Intake, NewTask, Store};
 use crate::wire::{AgentState, HEADER_TIMEOUT_MS, MAX_HEADER_BYTES};
@@ -155,7 +157,10 @@ impl Subscriber {
             }
             let intake: Vec<Intake> = batch
                 .iter()
-                .filter_map(|d| classify_delivery(&self.config, d))
+                .filter_map(|d| {
+                    classify_delivery(&self.config, d)
+                        .map(|i| on_arrival(&self.config, i, d.redelivered))
+                })
                 .collect();
             let last_tag = batch
                 .last()
@@ -186,7 +191,7 @@ impl Subscriber {
             match self.store.ingest(intake.clone()).await {
                 Ok(out) => {
                     retry.reset();
-                    if out.rejected > 0 {
+                    if out.rejected + out.ran > 0 {
                         self.signals.new_results.notify_one();
                     }
                     if out.duplicates > 0 {
@@ -453,6 +458,19 @@ fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, bool) {
     (intake, false)
 }
 
+/// A first delivery of a task whose function runs on arrival comes with its result (see
+/// [`executor::run_on_arrival`]); a redelivered one may be what stopped the agent last time, so it is queued
+/// and runs from the disk queue with its attempt counted.
+fn on_arrival(config: &Config, intake: Intake, redelivered: bool) -> Intake {
+    match intake {
+        Intake::Task(t) if !redelivered => match executor::run_on_arrival(config, t) {
+            Ok((function, result)) => Intake::Ran { function, result },
+            Err(t) => Intake::Task(t),
+        },
+        other => other,
+    }
+}
+
 /// Decides what a delivery becomes. `None`: no task id, so nothing can be answered (logged and acked).
 fn classify(
     config: &Config,
@@ -535,6 +553,40 @@ mod tests {
         let mut c = Config::load(o, None).unwrap();
         c.max_body_bytes = 10;
         c
+    }
+
+    #[test]
+    fn only_first_deliveries_of_instant_functions_run_on_arrival() {
+        let c = config();
+        let task = |f: &str| {
+            Intake::Task(NewTask {
+                task_id: "t".into(),
+                function: f.into(),
+                payload: b"hi".to_vec(),
+                timeout_ms: None,
+            })
+        };
+        match on_arrival(&c, task("echo"), false) {
+            Intake::Ran { function, result } => {
+                assert_eq!(function, "echo");
+                assert_eq!(
+                    (result.task_id.as_str(), result.status, result.attempts),
+                    ("t", crate::wire::Status::Ok, 1)
+                );
+                assert_eq!(result.body, b"hi");
+            }
+            other => panic!("echo on first delivery should run on arrival: {other:?}"),
+        }
+        // Redelivered: maybe it stopped the agent last time; it goes to the disk queue.
+        assert_eq!(on_arrival(&c, task("echo"), true), task("echo"));
+        // Not instant: queued for a slot.
+        assert_eq!(on_arrival(&c, task("sleep"), false), task("sleep"));
+        let rejected = Intake::Rejected {
+            task_id: "t".into(),
+            function: "echo".into(),
+            reason: "bad".into(),
+        };
+        assert_eq!(on_arrival(&c, rejected.clone(), false), rejected);
     }
 
     fn check(
