@@ -514,7 +514,9 @@ mod tests {
             workers: None,
             prefetch: None,
         };
-        Config::load(o, Some(&path)).unwrap()
+        let config = Config::load(o, Some(&path)).unwrap();
+        let _ = std::fs::remove_file(&path);
+        config
     }
 
     fn task(function: &str, payload: &str, timeout_ms: Option<u64>) -> ClaimedTask {
@@ -662,11 +664,7 @@ command = ["true"]
     #[tokio::test]
     async fn slots_run_batches_take_new_work_and_give_back_on_stop() {
         use crate::store::{Intake, NewTask};
-        let dir = std::env::temp_dir().join(format!(
-            "ea-exec-slots-{}-{}",
-            std::process::id(),
-            crate::wire::now_ms()
-        ));
+        let dir = crate::TestDir::new("exec-slots");
         let (store, _) = Store::open(&dir, 3).unwrap();
         let tasks = |from: usize, n: usize, function: &str, payload: &str| -> Vec<Intake> {
             (from..from + n)

@@ -1549,13 +1549,7 @@ mod tests {
         assert_eq!(counts.queued, 2);
     }
 
-    fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "ea-store-{name}-{}-{}",
-            std::process::id(),
-            crate::wire::now_ms()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
+    fn tempdir(name: &str) -> crate::TestDir {
+        crate::TestDir::new(&format!("store-{name}"))
     }
 }
