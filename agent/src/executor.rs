@@ -1,5 +1,6 @@
 //! Runs tasks: the built-in functions and configured commands, with timeouts, output caps and process-group
-//! kills, and the worker loops that feed executor slots from the store. Knows nothing of AMQP, so it keeps
+//! kills, and the worker loops that feed executor slots from the store; also which tasks are instant enough to
+//! run on arrival, without a slot ([`run_on_arrival`]). Knows nothing of AMQP, so it keeps
 //! working while the broker is away and is tested without one.
 
 use crate::config::{CommandSpec, Config, Function};

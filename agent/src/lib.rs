@@ -1,6 +1,7 @@
 //! endpoint-agent: runs tasks delivered over RabbitMQ without ever losing one.
 //!
-//! Data flows one way: broker -> `subscriber` -> `store` -> `executor` -> `store` -> `publisher` -> broker.
+//! Data flows one way: broker -> `subscriber` -> `store` -> `executor` -> `store` -> `publisher` -> broker
+//! (a first delivery of an instant function is run on arrival and stored with its result in one step).
 //! [`run`] wires them together and owns the shutdown order: stop consuming, let running tasks finish within
 //! the grace period (then kill and requeue them), publish what is pending, close the broker connections,
 //! close the database. See docs/ARCHITECTURE.md.
