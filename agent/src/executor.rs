@@ -4,7 +4,7 @@
 //! working while the broker is away and is tested without one.
 
 use crate::config::{CommandSpec, Config, Function};
-use crate::store::{ClaimedTask, NewTask, Store, TaskResult, Want};
+use crate::store::{ClaimedTask, Intake, NewTask, Store, TaskResult, Want};
 use crate::wire::Status;
 use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
@@ -63,16 +63,17 @@ pub async fn execute(config: &Config, task: &ClaimedTask, kill: &CancellationTok
 
 /// Runs `task` on arrival if its function runs in-process and always finishes at once (`echo`): such a run costs
 /// far less than the commit that would claim it for a slot, so the subscriber stores the task together with its
-/// result in the commit that acks it, and no slot is involved. Any other task is handed back, to be queued.
+/// result in the commit that acks it ([`Intake::Ran`]), and no slot is involved. Any other task comes back as
+/// [`Intake::Task`], to be queued.
 ///
 /// The caller runs only first deliveries (not `redelivered`): the task is unacked while it runs, so if the agent
 /// does not survive the run the broker keeps the task and marks its next delivery redelivered, and that one goes
 /// through the disk queue, its attempts counted. The result says `attempts` 1.
-pub fn run_on_arrival(config: &Config, task: NewTask) -> Result<(String, TaskResult), NewTask> {
+pub fn run_on_arrival(config: &Config, task: NewTask) -> Intake {
     match config.function(&task.function) {
-        Some(Function::Echo) => Ok((
-            task.function,
-            TaskResult {
+        Some(Function::Echo) => Intake::Ran {
+            function: task.function,
+            result: TaskResult {
                 task_id: task.task_id,
                 status: Status::Ok,
                 exit_code: None,
@@ -80,8 +81,8 @@ pub fn run_on_arrival(config: &Config, task: NewTask) -> Result<(String, TaskRes
                 duration_ms: 0,
                 body: task.payload,
             },
-        )),
-        _ => Err(task),
+        },
+        _ => Intake::Task(task),
     }
 }
 
@@ -664,7 +665,6 @@ command = ["true"]
 
     #[tokio::test]
     async fn slots_run_batches_take_new_work_and_give_back_on_stop() {
-        use crate::store::{Intake, NewTask};
         let dir = crate::TestDir::new("exec-slots");
         let (store, _) = Store::open(&dir, 3).unwrap();
         let tasks = |from: usize, n: usize, function: &str, payload: &str| -> Vec<Intake> {

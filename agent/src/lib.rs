@@ -24,7 +24,7 @@ pub(crate) struct TestDir(PathBuf);
 
 #[cfg(test)]
 impl TestDir {
-    /// A fresh directory path (not created) under the system temp dir, unique to this process and moment.
+    /// A directory path (not created) under the system temp dir, unique by the process id and a counter.
     pub(crate) fn new(name: &str) -> TestDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

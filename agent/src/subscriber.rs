@@ -463,10 +463,7 @@ fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, bool) {
 /// and runs from the disk queue with its attempt counted.
 fn on_arrival(config: &Config, intake: Intake, redelivered: bool) -> Intake {
     match intake {
-        Intake::Task(t) if !redelivered => match executor::run_on_arrival(config, t) {
-            Ok((function, result)) => Intake::Ran { function, result },
-            Err(t) => Intake::Task(t),
-        },
+        Intake::Task(t) if !redelivered => executor::run_on_arrival(config, t),
         other => other,
     }
 }
