@@ -1,11 +1,11 @@
 //! Small AMQP building blocks shared by the service-side operations: opening a channel and declaring the shared
 //! exchanges and queues exactly as the wire contract says (checking or reading a queue without consuming it are
-//! `endpoint_agent::connection::{queue_info, peek_all}`, shared with the agent). Every declaration of topology lives here so provision, submit and the results reader cannot
-//! drift apart. It must not decide policy (what is an error for which command); callers do.
+//! `endpoint_wire::amqp::{peek_all, queue_info}`, shared with the agent). Every declaration of topology lives
+//! here so provision, submit and the results reader cannot drift apart. It must not decide policy (what is an error for which command); callers do.
 
 use crate::error::{SetupError, reply_text, soft_error};
-use endpoint_agent::connection::BrokerError;
-use endpoint_agent::wire::{RESULTS_BINDING, RESULTS_EXCHANGE, RESULTS_QUEUE, TASKS_EXCHANGE};
+use endpoint_wire::BrokerError;
+use endpoint_wire::{RESULTS_BINDING, RESULTS_EXCHANGE, RESULTS_QUEUE, TASKS_EXCHANGE};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString};

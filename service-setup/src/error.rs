@@ -1,9 +1,10 @@
 //! The one error type of the service-setup library, with the predicates the CLI maps to exit codes and a caller
-//! may use to decide on a retry. Classification of lapin errors stays in `endpoint_agent::connection`
-//! (`BrokerError`); this module only adds the service-side outcomes and must not match on message strings.
+//! may use to decide on a retry. Classification of lapin errors stays in the contract crate
+//! (`endpoint_wire::BrokerError`); this module only adds the service-side outcomes and must not match on message
+//! strings.
 
-use endpoint_agent::connection::BrokerError;
-use endpoint_agent::wire::EndpointId;
+use endpoint_wire::BrokerError;
+use endpoint_wire::EndpointId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -72,7 +73,7 @@ impl SetupError {
     }
 }
 
-pub(crate) use endpoint_agent::connection::soft_error;
+pub(crate) use endpoint_wire::soft_error;
 
 /// The broker's explanation behind a lapin error (`PRECONDITION_FAILED - inequivalent arg ...`).
 pub(crate) fn reply_text(e: &lapin::Error) -> String {

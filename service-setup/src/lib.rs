@@ -1,8 +1,9 @@
 //! service-setup: the service side of endpoint-agent. It provisions and deprovisions an endpoint's topology on
 //! the broker, submits tasks with publisher confirms, reads results, and reports whether an endpoint's agent is
-//! alive. Names and payloads come from `endpoint_agent::wire`, connections and error classification from
-//! `endpoint_agent::connection`; this crate must not redefine either. The binary (`main.rs`) is a thin CLI over
-//! these functions and owns all printing; nothing in the library writes to stdout.
+//! alive. Names, payloads, connections and error classification come from the contract crate (`endpoint_wire`):
+//! this crate must not redefine them, and must not depend on the agent (a service embeds it without SQLite).
+//! The binary (`main.rs`) is a thin CLI over these functions and owns all printing; nothing in the library
+//! writes to stdout.
 
 mod amqp;
 mod base64;
@@ -13,8 +14,8 @@ mod submit;
 mod time;
 mod topology;
 
-pub use endpoint_agent::connection::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL};
-pub use endpoint_agent::wire::{AgentState, EndpointId, Heartbeat, Registration};
+pub use endpoint_wire::{AgentState, EndpointId, Heartbeat, Registration};
+pub use endpoint_wire::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL};
 pub use error::SetupError;
 pub use results::{ResultRecord, ResultsQuery, read_results};
 pub use status::{EndpointStatus, Liveness, endpoint_status};
@@ -30,12 +31,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opens a connection named `service-setup` to `url`, giving up after [`CONNECT_TIMEOUT`].
 pub async fn connect(url: &BrokerUrl) -> Result<lapin::Connection, SetupError> {
     let name = format!("service-setup pid {}", std::process::id());
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        endpoint_agent::connection::connect(url, &name),
-    )
-    .await
-    {
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint_wire::amqp::connect(url, &name)).await {
         Ok(conn) => Ok(conn?),
         Err(_) => Err(SetupError::ConnectTimeout {
             url: url.to_string(),

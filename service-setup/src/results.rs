@@ -5,7 +5,7 @@
 
 use crate::amqp::{amqp_err, close_channel, declare_results, open_channel};
 use crate::error::SetupError;
-use endpoint_agent::wire::{
+use endpoint_wire::{
     EndpointId, HEADER_ATTEMPTS, HEADER_DURATION_MS, HEADER_ENDPOINT_ID, HEADER_EXIT_CODE,
     HEADER_STATUS, RESULTS_QUEUE,
 };

@@ -5,8 +5,8 @@
 
 use crate::error::SetupError;
 use crate::time::{rfc3339_utc, secs};
-use endpoint_agent::connection::{peek_all, queue_info};
-use endpoint_agent::wire::{AgentState, EndpointId, Heartbeat, Registration, now_ms};
+use endpoint_wire::amqp::{peek_all, queue_info};
+use endpoint_wire::{AgentState, EndpointId, Heartbeat, Registration, now_ms};
 use lapin::Connection;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -275,7 +275,7 @@ impl Named for Heartbeat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use endpoint_agent::wire::PROTOCOL_VERSION;
+    use endpoint_wire::PROTOCOL_VERSION;
 
     const NOW: u64 = 1_709_210_096_789; // 2024-02-29T12:34:56.789Z
 

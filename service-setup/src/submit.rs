@@ -5,7 +5,7 @@
 
 use crate::amqp::{amqp_err, declare_tasks_exchange, open_channel};
 use crate::error::SetupError;
-use endpoint_agent::wire::{EndpointId, HEADER_TIMEOUT_MS, MAX_TASK_ID_LEN, TASKS_EXCHANGE};
+use endpoint_wire::{EndpointId, HEADER_TIMEOUT_MS, MAX_TASK_ID_LEN, TASKS_EXCHANGE};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};

@@ -1,7 +1,7 @@
 //! Wall-clock formatting for humans: short ages, and RFC 3339 UTC timestamps (defined once, in
-//! `endpoint_agent::wire`, and re-exported here). Pure functions with no clock access.
+//! the `endpoint-wire` contract crate, and re-exported here). Pure functions with no clock access.
 
-pub use endpoint_agent::wire::rfc3339_utc;
+pub use endpoint_wire::rfc3339_utc;
 
 /// An age in whole seconds for messages such as "last heartbeat 3s ago".
 pub(crate) fn secs(ms: u64) -> u64 {

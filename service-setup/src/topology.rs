@@ -8,8 +8,8 @@ use crate::amqp::{
     latest_only_queue_args, open_channel, tasks_queue_args,
 };
 use crate::error::{SetupError, soft_error};
-use endpoint_agent::connection::queue_info;
-use endpoint_agent::wire::{EndpointId, Registration, TASKS_EXCHANGE, now_ms};
+use endpoint_wire::amqp::queue_info;
+use endpoint_wire::{EndpointId, Registration, TASKS_EXCHANGE, now_ms};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::{BasicProperties, Confirmation, Connection};

@@ -4,12 +4,12 @@
 //! the default vhost is never touched; stale vhosts of dead test processes are deleted on start. Tests must not
 //! assert on log text, only on exit codes, data on stdout and broker state.
 
-use endpoint_agent::connection::{BrokerUrl, connect, fetch_registration};
-use endpoint_agent::wire::{
+use endpoint_wire::{
     AgentState, EndpointId, HEADER_ATTEMPTS, HEADER_DURATION_MS, HEADER_ENDPOINT_ID,
     HEADER_EXIT_CODE, HEADER_STATUS, HEADER_TIMEOUT_MS, Heartbeat, PROTOCOL_VERSION,
     RESULTS_EXCHANGE, RESULTS_QUEUE, TASKS_EXCHANGE, now_ms,
 };
+use endpoint_wire::{BrokerUrl, amqp::connect, registration::fetch_registration};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };

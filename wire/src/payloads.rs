@@ -1,0 +1,192 @@
+//! The versioned JSON payloads of the contract (the service's [`Registration`], the agent's [`Heartbeat`]), the
+//! agent states a heartbeat reports, and the [`Status`] a result carries. Data only: no I/O.
+
+use crate::names::{EndpointId, RESULTS_EXCHANGE, TASKS_EXCHANGE};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version of the wire contract. Bumped on any incompatible change; the agent refuses a registration whose
+/// version it does not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Outcome of a task as carried in the `status` header of its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// The function ran and succeeded; the body is its output.
+    Ok,
+    /// The function ran and failed (non-zero exit, killed, output cap, crashed the agent too often).
+    Failed,
+    /// The function ran past its timeout and was killed.
+    Timeout,
+    /// The task was not run: bad input (missing type, unknown function, oversized or empty body, ...).
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+            Status::Timeout => "timeout",
+            Status::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ok" => Status::Ok,
+            "failed" => Status::Failed,
+            "timeout" => Status::Timeout,
+            "rejected" => Status::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the service decided for an endpoint, written by `service-setup provision` as a persistent JSON message
+/// in the max-length-1 queue `<EP>.registration`, read by the agent on every (re)connect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub protocol_version: u32,
+    pub endpoint_id: EndpointId,
+    /// Interval of the agent's heartbeat messages, and the AMQP heartbeat the agent negotiates.
+    pub heartbeat_secs: u16,
+    pub tasks_exchange: String,
+    pub tasks_queue: String,
+    pub results_exchange: String,
+    pub results_routing_key: String,
+    pub heartbeat_queue: String,
+    /// Milliseconds since the Unix epoch when this registration was written.
+    pub provisioned_at_ms: u64,
+}
+
+impl Registration {
+    pub fn new(endpoint_id: EndpointId, heartbeat_secs: u16, now_ms: u64) -> Self {
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            tasks_exchange: TASKS_EXCHANGE.to_owned(),
+            tasks_queue: endpoint_id.tasks_queue(),
+            results_exchange: RESULTS_EXCHANGE.to_owned(),
+            results_routing_key: endpoint_id.results_routing_key(),
+            heartbeat_queue: endpoint_id.heartbeat_queue(),
+            endpoint_id,
+            heartbeat_secs,
+            provisioned_at_ms: now_ms,
+        }
+    }
+}
+
+/// What the agent is doing, as reported in its heartbeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    /// Consuming the tasks queue.
+    Running,
+    /// Another agent holds the exclusive consumer; this one runs what is on its disk and waits to take over.
+    Standby,
+    /// Local backlog is full: not taking deliveries until executors catch up.
+    Paused,
+    /// The database cannot take writes (disk full): new deliveries stay in the broker, finished results wait
+    /// in memory, until space returns.
+    #[serde(rename = "disk_full")]
+    DiskFull,
+    /// The broker blocked the publishing connection (a resource alarm): results wait on disk, tasks keep
+    /// running. Seen by the service only once the block is over, since the broker blocks heartbeats too.
+    Blocked,
+    /// Shutting down: consumes nothing new, finishing what runs.
+    Draining,
+    /// Stopped cleanly; the last heartbeat an agent sends.
+    Stopped,
+}
+
+impl AgentState {
+    /// The state a heartbeat reports: the conditions that stop work (disk full, then blocked publishing) are
+    /// shown over the intake state, but not over shutting down.
+    pub fn with_conditions(self, disk_full: bool, blocked: bool) -> AgentState {
+        match self {
+            AgentState::Draining | AgentState::Stopped => self,
+            _ if disk_full => AgentState::DiskFull,
+            _ if blocked => AgentState::Blocked,
+            _ => self,
+        }
+    }
+}
+
+impl fmt::Display for AgentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = serde_json::to_value(self).ok();
+        f.write_str(s.as_ref().and_then(|v| v.as_str()).unwrap_or("unknown"))
+    }
+}
+
+/// The ticker message the agent publishes every `heartbeat_secs` into the max-length-1 queue `<EP>.heartbeat`.
+/// A moving `seq` means the agent is alive; a stale `time_ms` means it is not running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub protocol_version: u32,
+    pub endpoint_id: EndpointId,
+    pub state: AgentState,
+    pub tasks_queued: u64,
+    pub tasks_running: u64,
+    pub results_pending: u64,
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch when the heartbeat was sent.
+    pub time_ms: u64,
+    /// The interval the agent follows, so a reader can judge staleness without the registration.
+    pub heartbeat_secs: u16,
+    pub agent_version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn status_round_trips() {
+        for s in [
+            Status::Ok,
+            Status::Failed,
+            Status::Timeout,
+            Status::Rejected,
+        ] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Status::parse("OK"), None);
+    }
+
+    #[test]
+    fn registration_json_round_trips() {
+        let reg = Registration::new(EndpointId::new("ep").unwrap(), 5, 42);
+        let json = serde_json::to_string(&reg).unwrap();
+        let back: Registration = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, reg);
+        let bad = json.replace("\"ep\"", "\"e.p\"");
+        assert!(serde_json::from_str::<Registration>(&bad).is_err());
+        assert_eq!(AgentState::Standby.to_string(), "standby");
+        assert_eq!(AgentState::DiskFull.to_string(), "disk_full");
+    }
+
+    #[test]
+    fn conditions_show_over_intake_states() {
+        use AgentState::*;
+        let check = |s: AgentState, full, blocked, want| {
+            assert_eq!(
+                s.with_conditions(full, blocked),
+                want,
+                "{s} {full} {blocked}"
+            )
+        };
+        check(Running, false, false, Running);
+        check(Paused, true, false, DiskFull);
+        check(Standby, true, true, DiskFull);
+        check(Running, false, true, Blocked);
+        check(Draining, true, true, Draining);
+        check(Stopped, false, true, Stopped);
+    }
+}

@@ -1,0 +1,134 @@
+//! Broker URLs: parsed once ([`BrokerUrl::new`] refuses what the AMQP client cannot use), shown redacted
+//! (`Display` and `Debug` never print the password), and taken apart for clients that speak AMQP themselves.
+
+use crate::error::BrokerError;
+use std::fmt;
+
+/// The URL the agent and `service-setup` use when neither `--broker-url` nor `AMQP_URL` says otherwise.
+pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// An AMQP URL. `Display` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl(String);
+
+impl BrokerUrl {
+    pub fn new(url: impl Into<String>) -> Result<Self, BrokerError> {
+        let url = url.into();
+        let parsed: Result<lapin::uri::AMQPUri, String> = url.parse();
+        match parsed {
+            Ok(_) => Ok(Self(url)),
+            Err(e) => Err(BrokerError::BadUrl(redact(&url), e)),
+        }
+    }
+
+    /// The full URL, credentials included: only for handing to the client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Host, port, credentials and vhost, for a client that speaks AMQP without lapin (the agent's raw reader).
+    pub fn parts(&self) -> UrlParts {
+        let uri: lapin::uri::AMQPUri = self
+            .0
+            .parse()
+            .expect("a BrokerUrl was parsed when it was made");
+        UrlParts {
+            host: uri.authority.host,
+            port: uri.authority.port,
+            user: uri.authority.userinfo.username,
+            password: uri.authority.userinfo.password,
+            vhost: uri.vhost,
+        }
+    }
+
+    /// This URL with `heartbeat=secs` added, unless the URL already sets a heartbeat (the operator's choice wins).
+    pub fn with_heartbeat(&self, secs: u16) -> BrokerUrl {
+        if self.0.contains("heartbeat=") {
+            return self.clone();
+        }
+        let sep = if self.0.contains('?') { '&' } else { '?' };
+        BrokerUrl(format!("{}{sep}heartbeat={secs}", self.0))
+    }
+}
+
+/// The pieces of a [`BrokerUrl`]; `password` is secret (never log it).
+pub struct UrlParts {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub vhost: String,
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({self})")
+    }
+}
+
+/// `amqp://user:secret@host/vhost` -> `amqp://user:***@host/vhost`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn check(url: &str, expected: &str) {
+        assert_eq!(redact(url), expected);
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        check(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqp://guest:***@127.0.0.1:5672/%2f",
+        );
+        check(
+            "amqps://u:p%40ss@h/v?heartbeat=5",
+            "amqps://u:***@h/v?heartbeat=5",
+        );
+        check("amqp://127.0.0.1:5672/%2f", "amqp://127.0.0.1:5672/%2f");
+        check("amqp://user@h/", "amqp://user:***@h/");
+        let url = BrokerUrl::new("amqp://a:secret@h:5672/%2f").unwrap();
+        assert!(!format!("{url} {url:?}").contains("secret"));
+    }
+
+    #[test]
+    fn heartbeat_is_added_once() {
+        let url = BrokerUrl::new("amqp://h:5672/%2f").unwrap();
+        assert_eq!(
+            url.with_heartbeat(5).expose(),
+            "amqp://h:5672/%2f?heartbeat=5"
+        );
+        let url = BrokerUrl::new("amqp://h/%2f?frame_max=8192").unwrap();
+        assert_eq!(
+            url.with_heartbeat(5).expose(),
+            "amqp://h/%2f?frame_max=8192&heartbeat=5"
+        );
+        let url = BrokerUrl::new("amqp://h/%2f?heartbeat=9").unwrap();
+        assert_eq!(url.with_heartbeat(5).expose(), "amqp://h/%2f?heartbeat=9");
+    }
+
+    #[test]
+    fn bad_url_is_refused_without_leaking() {
+        let err = BrokerUrl::new("http://u:secret@h").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+}
