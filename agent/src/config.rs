@@ -1,8 +1,13 @@
 //! The agent's validated configuration: command-line values laid over the optional TOML file, checked once
-//! and passed explicitly. No `Default`, no global state; every limit the agent enforces is named here.
+//! and passed explicitly. No `Default`, no global state; every setting the agent takes is named here (their
+//! defaults live in `limits`).
 
-use crate::connection::BrokerUrl;
-use crate::wire::EndpointId;
+use crate::limits::{
+    DEFAULT_FUNCTION_TIMEOUT_SECS, DEFAULT_GRACE_SECS, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKLOG,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_PREFETCH, DEFAULT_RECONNECT_MAX,
+    DEFAULT_RECONNECT_MIN, DEFAULT_RETENTION_SECS, MAX_WORKERS,
+};
+use endpoint_wire::{BrokerUrl, EndpointId};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -106,15 +111,6 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-const DEFAULT_PREFETCH: u16 = 256;
-const DEFAULT_MAX_BACKLOG: u64 = 10_000;
-const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-const DEFAULT_GRACE_SECS: u64 = 30;
-const DEFAULT_RETENTION_SECS: u64 = 24 * 3600;
-const DEFAULT_FUNCTION_TIMEOUT_SECS: u64 = 600;
-const DEFAULT_MAX_OUTPUT_BYTES: usize = 1024 * 1024;
-
 impl Config {
     /// Reads the file (if any), lays the overrides over it and validates the result.
     pub fn load(overrides: Overrides, file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -138,8 +134,12 @@ impl Config {
         let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let workers = o.workers.or(f.workers).unwrap_or(default_workers);
         let prefetch = o.prefetch.or(f.prefetch).unwrap_or(DEFAULT_PREFETCH);
-        let reconnect_min = Duration::from_millis(f.reconnect_min_ms.unwrap_or(200));
-        let reconnect_max = Duration::from_millis(f.reconnect_max_ms.unwrap_or(30_000));
+        let reconnect_min = f
+            .reconnect_min_ms
+            .map_or(DEFAULT_RECONNECT_MIN, Duration::from_millis);
+        let reconnect_max = f
+            .reconnect_max_ms
+            .map_or(DEFAULT_RECONNECT_MAX, Duration::from_millis);
         let config = Config {
             endpoint_id: o.endpoint_id,
             broker_url: o.broker_url,
@@ -163,8 +163,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.workers == 0 || self.workers > 1024 {
-            return bad(format!("workers is {}: use 1 to 1024", self.workers));
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return bad(format!(
+                "workers is {}: use 1 to {MAX_WORKERS}",
+                self.workers
+            ));
         }
         if self.prefetch == 0 {
             return bad("prefetch is 0 (unlimited): use 1 to 65535".into());

@@ -1,86 +1,59 @@
 //! endpoint-agent: runs tasks delivered over RabbitMQ without ever losing one.
 //!
-//! Data flows one way: broker -> `subscriber` -> `store` -> `executor` -> `store` -> `publisher` -> broker
-//! (a first delivery of an instant function is run on arrival and stored with its result in one step).
-//! [`run`] wires them together and owns the shutdown order: stop consuming, let running tasks finish within
-//! the grace period (then kill and requeue them), publish what is pending, close the broker connections,
-//! close the database. See docs/ARCHITECTURE.md.
+//! Data flows one way: broker -> `session` (subscriber) -> `store` -> `executor` -> `store` -> `session`
+//! (publisher) -> broker; a first delivery of an instant function is run on arrival and stored with its result
+//! in one step. [`run`] wires the parts together and owns the shutdown order: stop consuming, let running tasks
+//! finish within the grace period (then kill and requeue them), publish what is pending, close the broker
+//! connections, close the database. See docs/ARCHITECTURE.md.
+//!
+//! Imports run one way, top to bottom (checked by the `tidy` test): this file -> `session` -> `intake`,
+//! `executor`, `raw`, `store`, `lock` -> `task`, `claim`, `config`, `limits`, `meta`, `retry` -> the contract
+//! crate (`endpoint_wire`). `status` reads what an agent leaves behind, for `endpoint-agent status`.
+//!
+//! The API (what the binary, the scenario tests and the bench use): [`run`], [`AgentError`], `config`,
+//! `status`, `lock`, `store` (its file name, status reads and the handle the bench preloads backlogs with),
+//! `task`, `raw` (tests publish malformed messages with it) and [`result_properties`]. Everything else is
+//! private to the crate.
 
+mod claim;
 pub mod config;
-pub mod connection;
-pub mod executor;
-mod publisher;
+mod executor;
+mod intake;
+mod limits;
+pub mod lock;
+mod meta;
 pub mod raw;
+mod retry;
+mod session;
 pub mod status;
 pub mod store;
-mod subscriber;
-pub mod wire;
-
-pub use publisher::result_properties;
-
-/// Unit tests' scratch directories, removed when dropped.
-#[cfg(test)]
-pub(crate) struct TestDir(PathBuf);
+pub mod task;
 
 #[cfg(test)]
-impl TestDir {
-    /// A directory path (not created) under the system temp dir, unique by the process id and a counter.
-    pub(crate) fn new(name: &str) -> TestDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ea-unit-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        TestDir(dir)
-    }
-}
-
+mod testing;
 #[cfg(test)]
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
+mod tidy;
 
-#[cfg(test)]
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-#[cfg(test)]
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use session::result_properties;
 
 use config::Config;
-use connection::{Link, RegistrationError};
-use executor::Signals;
-use std::fs::File;
+use endpoint_wire::AgentState;
+use endpoint_wire::registration::RegistrationError;
+use limits::{MIN_DRAIN, PRUNE_EVERY};
+use lock::{LockError, lock_data_dir};
+use meta::MetaKey;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wire::AgentState;
-
-/// File in the data directory that one running agent holds locked.
-pub const LOCK_FILE: &str = "agent.lock";
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error(
-        "another endpoint-agent (pid {pid}) is using data directory {dir}: stop it, or give this one its own --data-dir"
-    )]
-    DataDirLocked { dir: PathBuf, pid: String },
-    #[error("cannot lock data directory {0}: {1}")]
-    Lock(PathBuf, std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -97,55 +70,10 @@ impl AgentError {
             )
         )
     }
-}
 
-/// Holds the data directory for this process; released when dropped (or when the process dies).
-#[derive(Debug)]
-pub struct DirLock(#[allow(dead_code)] File);
-
-/// Takes the data directory's lock, or says which process holds it.
-pub fn lock_data_dir(dir: &Path) -> Result<DirLock, AgentError> {
-    std::fs::create_dir_all(dir).map_err(|e| AgentError::Lock(dir.to_owned(), e))?;
-    let path = dir.join(LOCK_FILE);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| AgentError::Lock(dir.to_owned(), e))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let pid = std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            return Err(AgentError::DataDirLocked {
-                dir: dir.to_owned(),
-                pid,
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(AgentError::Lock(dir.to_owned(), e)),
-    }
-    use std::io::Write;
-    let _ = file.set_len(0);
-    let _ = (&file).write_all(std::process::id().to_string().as_bytes());
-    Ok(DirLock(file))
-}
-
-/// The pid recorded by the agent holding `dir`'s lock, or `None` if no agent holds it. Writes nothing.
-pub fn lock_holder(dir: &Path) -> Option<String> {
-    let path = dir.join(LOCK_FILE);
-    let file = File::open(&path).ok()?;
-    match file.try_lock_shared() {
-        Ok(()) => None,
-        Err(_) => Some(
-            std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        ),
+    /// Another agent holds the data directory.
+    pub fn is_data_dir_locked(&self) -> bool {
+        matches!(self, AgentError::Lock(LockError::Held { .. }))
     }
 }
 
@@ -171,7 +99,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "starting"
     );
     let config = Arc::new(config);
-    let signals = Arc::new(Signals::default());
+    let run_times = Arc::new(claim::RunTimes::default());
     let (state, _) = tokio::sync::watch::channel(AgentState::Running);
     let stop_intake = CancellationToken::new();
     let kill = CancellationToken::new();
@@ -182,7 +110,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         executors.spawn(executor::worker(
             config.clone(),
             store.clone(),
-            signals.clone(),
+            run_times.clone(),
             stop_intake.clone(),
             kill.clone(),
         ));
@@ -190,13 +118,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     executors.close();
     let maintenance = tokio::spawn(prune_forever(store.clone(), config.result_retention));
     let disk_watch = tokio::spawn(record_disk_full(store.clone()));
-    let link = Link {
-        config: config.clone(),
-        store: store.clone(),
-        signals: signals.clone(),
-        state: state.clone(),
-        sessions: std::sync::atomic::AtomicU64::new(0),
-    };
+    let link = session::Link::new(config.clone(), store.clone(), state.clone());
     let mut link = tokio::spawn(link.run(stop_intake.clone(), drain.clone()));
 
     tokio::pin!(shutdown);
@@ -233,7 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         executors.wait().await;
     }
     drain.cancel();
-    let drain_limit = config.grace_period.max(Duration::from_secs(5));
+    let drain_limit = config.grace_period.max(MIN_DRAIN);
     if tokio::time::timeout(drain_limit, &mut link).await.is_err() {
         let pending = store.counts().borrow().results_pending;
         tracing::warn!(
@@ -259,19 +181,19 @@ async fn record_disk_full(store: Store) {
     let mut full = store.disk_full();
     loop {
         let value = full.borrow_and_update().clone().unwrap_or_default();
-        connection::record_link(&store, connection::DISK_FULL, value).await;
+        store.record(MetaKey::DiskFull, value).await;
         if full.changed().await.is_err() {
             return;
         }
     }
 }
 
-/// Deletes published results (and their tasks) older than the retention, once a minute.
+/// Deletes published results (and their tasks) older than the retention, at every [`PRUNE_EVERY`].
 async fn prune_forever(store: Store, retention: Duration) {
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tick.tick().await;
-        let before = wire::now_ms().saturating_sub(retention.as_millis() as u64);
+        let before = endpoint_wire::now_ms().saturating_sub(retention.as_millis() as u64);
         match store.prune(before).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(pruned = n, "pruned published results past retention"),

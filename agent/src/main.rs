@@ -4,8 +4,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use endpoint_agent::config::{Config, Overrides, default_data_dir};
-use endpoint_agent::connection::{BrokerUrl, DEFAULT_BROKER_URL};
-use endpoint_agent::wire::EndpointId;
+use endpoint_wire::{BrokerUrl, DEFAULT_BROKER_URL, EndpointId};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -114,9 +113,7 @@ fn main() -> ExitCode {
             let agent_error = e.downcast_ref::<endpoint_agent::AgentError>();
             match agent_error {
                 Some(a) if a.is_not_provisioned() => ExitCode::from(EXIT_NOT_PROVISIONED),
-                Some(endpoint_agent::AgentError::DataDirLocked { .. }) => {
-                    ExitCode::from(EXIT_LOCKED)
-                }
+                Some(a) if a.is_data_dir_locked() => ExitCode::from(EXIT_LOCKED),
                 _ => ExitCode::FAILURE,
             }
         }

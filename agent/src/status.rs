@@ -2,8 +2,10 @@
 //! whether an agent is using it, and the broker link state that agent last recorded. Reads only; safe while
 //! an agent runs.
 
-use crate::lock_holder;
-use crate::store::{self, Counts, StoreError};
+use crate::lock::lock_holder;
+use crate::meta::MetaKey;
+use crate::store::{self, StoreError};
+use crate::task::Counts;
 use serde::Serialize;
 use std::path::Path;
 
@@ -35,14 +37,20 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
     }
     let agent = lock_holder(dir);
     let (counts, meta): (Counts, _) = store::read_status(dir)?;
-    let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    let link = get("link");
-    let reconnects = get("reconnects").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let get = |key: MetaKey| {
+        meta.iter()
+            .find(|(k, _)| k == key.as_str())
+            .map(|(_, v)| v.clone())
+    };
+    let link = get(MetaKey::Link);
+    let reconnects = get(MetaKey::Reconnects)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     // Conditions are only meaningful while an agent runs; an empty value means "not in effect".
     let online = agent.is_some();
-    let condition = |key: &str| get(key).filter(|v| !v.is_empty() && online);
-    let publishing_blocked = condition(crate::connection::PUBLISHING_BLOCKED);
-    let disk_full = condition(crate::connection::DISK_FULL);
+    let condition = |key: MetaKey| get(key).filter(|v| !v.is_empty() && online);
+    let publishing_blocked = condition(MetaKey::PublishingBlocked);
+    let disk_full = condition(MetaKey::DiskFull);
     Ok(LocalStatus {
         data_dir: dir.display().to_string(),
         online: agent.is_some(),

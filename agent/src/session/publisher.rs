@@ -1,27 +1,23 @@
-//! Sends what the endpoint has to say: results, published `mandatory` and persistent with publisher confirms
-//! and marked published in the store only on the broker's ack (a nack, a return or a lost connection leaves
-//! them pending for replay), and the heartbeat ticker. Imports lapin; reads results from the store, never
+//! Sends the endpoint's results: published `mandatory` and persistent with publisher confirms, pipelined, and
+//! marked published in the store only on the broker's ack (a nack, a return or a lost connection leaves them
+//! pending for replay). Woken by the store when results are committed. Reads results from the store, never
 //! writes anything but the "published" mark.
 
 use crate::config::Config;
-use crate::connection::{Backoff, BrokerError};
-use crate::executor::Signals;
-use crate::store::{Reader, Store, StoreError, TaskResult};
-use crate::wire::{self, AgentState, Heartbeat};
+use crate::limits::{
+    PUBLISH_READ, PUBLISH_RETRY_MAX, PUBLISH_RETRY_MIN, PUBLISH_WINDOW, PUBLISHER_IDLE_POLL,
+};
+use crate::retry::{self, Backoff};
+use crate::store::{Reader, Store, StoreError};
+use crate::task::TaskResult;
+use endpoint_wire::{self as wire, BrokerError};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// Results published and not yet confirmed, at most.
-const WINDOW: usize = 1024;
-/// Results read from the store at a time.
-const READ: usize = 256;
 
 /// A published result waiting for the broker's confirm.
 struct InFlight {
@@ -33,15 +29,11 @@ struct InFlight {
 pub(crate) struct Publisher {
     pub config: Arc<Config>,
     pub store: Store,
-    pub signals: Arc<Signals>,
-    pub state: watch::Receiver<AgentState>,
-    /// Heartbeat sequence, kept across reconnects.
-    pub seq: Arc<AtomicU64>,
     /// `Some(why)` while the broker blocks the publishing connection (a resource alarm).
     pub blocked: watch::Receiver<Option<String>>,
 }
 
-async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel, BrokerError> {
+pub(super) async fn confirm_channel(conn: &Connection, what: &str) -> Result<Channel, BrokerError> {
     let channel = conn
         .create_channel()
         .await
@@ -57,7 +49,7 @@ impl Publisher {
     /// Publishes pending results as they appear. Returns Ok once `drain` is cancelled and nothing is pending,
     /// or the error that broke the connection.
     ///
-    /// Pipelined: results are published while earlier confirms are outstanding (up to [`WINDOW`]), read from
+    /// Pipelined: results are published while earlier confirms are outstanding (up to [`PUBLISH_WINDOW`]), read from
     /// the store by row id past the last one published (`cursor`), and marked published as their confirms
     /// arrive, every confirm that has arrived in one `mark_published` commit, which runs while publishing goes
     /// on. A result refused by the broker (or whose mark failed) stays pending below the cursor: once nothing
@@ -68,14 +60,19 @@ impl Publisher {
         drain: &CancellationToken,
     ) -> Result<(), BrokerError> {
         let channel = confirm_channel(conn, "publisher").await?;
-        let mut failures = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut failures = Backoff::new(PUBLISH_RETRY_MIN, PUBLISH_RETRY_MAX);
+        let mut read_retry = Backoff::new(PUBLISH_RETRY_MIN, PUBLISH_RETRY_MAX);
+        // Reads are not given up: a publisher that cannot read its database waits for it (a stop that waits
+        // too long is ended by the link's drain limit).
+        let forever = CancellationToken::new();
+        let results_stored = self.store.results_stored();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut cursor: i64 = 0;
         // Some result at or below the cursor is still pending (refused, or its mark failed).
         let mut rescan = false;
         let mut acked: Vec<i64> = Vec::new();
         let mut marking: Option<Marking> = None;
-        let mut reader: Option<Reader> = None;
+        let reader = ReaderSlot::default();
         // New results may be waiting (a notification came, or the last read was full): read before waiting.
         let mut fresh = true;
         // Draining, and a read since found nothing: done once nothing is in flight.
@@ -94,7 +91,7 @@ impl Publisher {
                 }
                 continue;
             }
-            let notified = self.signals.new_results.notified();
+            let notified = results_stored.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if rescan && in_flight.is_empty() && acked.is_empty() && marking.is_none() {
@@ -104,16 +101,16 @@ impl Publisher {
             }
             // With a rescan due, nothing new goes out until everything in flight is settled and the cursor is
             // back at the start, so that a refused result cannot be overtaken forever under a steady load.
-            if !is_blocked && !rescan && fresh && in_flight.len() < WINDOW {
-                let limit = READ.min(WINDOW - in_flight.len());
-                let pending = match read_pending(&mut reader, &self.config, cursor, limit).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read pending results; retrying");
-                        tokio::time::sleep(failures.next_delay()).await;
-                        continue;
-                    }
-                };
+            if !is_blocked && !rescan && fresh && in_flight.len() < PUBLISH_WINDOW {
+                let limit = PUBLISH_READ.min(PUBLISH_WINDOW - in_flight.len());
+                let read = retry::until_stopped(
+                    "cannot read pending results",
+                    &mut read_retry,
+                    &forever,
+                    || read_pending(reader.clone(), &self.config, cursor, limit),
+                )
+                .await;
+                let Some(pending) = read else { continue };
                 fresh = pending.len() == limit;
                 if let Some((last, _)) = pending.last() {
                     cursor = *last;
@@ -140,11 +137,11 @@ impl Publisher {
                         // One more read once draining: results stored just before the drain are not left behind.
                         drained = true;
                     } else {
-                        // The timer also catches results no one announced (rejected tasks, stored on intake).
+                        // The timer is a safety net for results nobody announced (the store announces every commit).
                         tokio::select! {
                             _ = &mut notified => {}
                             _ = drain.cancelled() => {}
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = tokio::time::sleep(PUBLISHER_IDLE_POLL) => {}
                         }
                     }
                     fresh = true;
@@ -152,7 +149,7 @@ impl Publisher {
                 continue;
             }
             // Room for more, and allowed to read it (else only confirms and marks are waited for).
-            let room = in_flight.len() < WINDOW && !rescan && !is_blocked;
+            let room = in_flight.len() < PUBLISH_WINDOW && !rescan && !is_blocked;
             tokio::select! {
                 biased;
                 c = async { (&mut in_flight.front_mut().expect("checked non-empty").confirm).await }, if !in_flight.is_empty() => {
@@ -242,99 +239,31 @@ impl Publisher {
             }
         }
     }
-
-    /// Publishes a heartbeat every `interval` until the connection fails.
-    pub async fn ticker(&self, conn: &Connection, interval: Duration) -> Result<(), BrokerError> {
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| BrokerError::amqp("while opening the heartbeat channel", e))?;
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let state = self.state.borrow().with_conditions(
-                self.store.disk_full().borrow().is_some(),
-                self.blocked.borrow().is_some(),
-            );
-            // Not confirmed: the next beat supersedes a lost one.
-            let _confirm = self.publish_heartbeat(&channel, state, interval).await?;
-        }
-    }
-
-    /// Publishes the last heartbeat (`stopped`) and waits for the broker's confirm.
-    pub async fn final_heartbeat(
-        &self,
-        conn: &Connection,
-        interval: Duration,
-    ) -> Result<(), BrokerError> {
-        let channel = confirm_channel(conn, "heartbeat").await?;
-        let confirm = self
-            .publish_heartbeat(&channel, AgentState::Stopped, interval)
-            .await?;
-        confirm
-            .await
-            .map_err(|e| BrokerError::amqp("while confirming the final heartbeat", e))?;
-        let _ = channel.close(200, "stopped".into()).await;
-        Ok(())
-    }
-
-    async fn publish_heartbeat(
-        &self,
-        channel: &Channel,
-        state: AgentState,
-        interval: Duration,
-    ) -> Result<lapin::PublisherConfirm, BrokerError> {
-        let counts = *self.store.counts().borrow();
-        let beat = Heartbeat {
-            protocol_version: wire::PROTOCOL_VERSION,
-            endpoint_id: self.config.endpoint_id.clone(),
-            state,
-            tasks_queued: counts.queued,
-            tasks_running: counts.running,
-            results_pending: counts.results_pending,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            time_ms: wire::now_ms(),
-            heartbeat_secs: u16::try_from(interval.as_secs()).unwrap_or(u16::MAX),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        };
-        let body = serde_json::to_vec(&beat).expect("a heartbeat always serializes");
-        let queue = self.config.endpoint_id.heartbeat_queue();
-        channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_timestamp(beat.time_ms / 1000),
-            )
-            .await
-            .map_err(|e| BrokerError::amqp("while publishing a heartbeat", e))
-    }
 }
 
+/// The publisher's read-only connection to the store, opened at first use by the blocking thread that reads
+/// through it (only that thread ever locks it).
+type ReaderSlot = Arc<std::sync::Mutex<Option<Reader>>>;
+
 /// Up to `limit` pending results past `after`, read on a blocking thread through the publisher's own read-only
-/// connection (opened at first use), so a read never waits behind the store's commits.
+/// connection, so a read never waits behind the store's commits.
 async fn read_pending(
-    reader: &mut Option<Reader>,
+    reader: ReaderSlot,
     config: &Config,
     after: i64,
     limit: usize,
 ) -> Result<Vec<(i64, TaskResult)>, StoreError> {
-    let r = match reader.take() {
-        Some(r) => r,
-        None => Reader::open(&config.data_dir)?,
-    };
-    let (r, read) = tokio::task::spawn_blocking(move || {
-        let read = r.pending_results(after, limit);
-        (r, read)
+    let dir = config.data_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut slot = reader.lock().expect("the reader's lock is never poisoned");
+        let reader = match &mut *slot {
+            Some(r) => r,
+            None => slot.insert(Reader::open(&dir)?),
+        };
+        reader.pending_results(after, limit)
     })
     .await
-    .expect("a read of pending results does not panic");
-    *reader = Some(r);
-    read
+    .expect("a read of pending results does not panic")
 }
 
 /// A `mark_published` commit running while the publisher goes on publishing.

@@ -1,0 +1,233 @@
+//! Runs tasks: the built-in functions (`builtins`) and configured commands (`process`), and the executor slots
+//! that feed them from the store (`slot`); also which tasks are instant enough to run on arrival, without a
+//! slot ([`run_on_arrival`]). Knows nothing of AMQP: it never imports broker code, so it keeps working while the
+//! broker is away and is tested without one.
+
+mod builtins;
+mod process;
+mod slot;
+
+pub(crate) use slot::worker;
+
+use crate::config::{Config, Function};
+use crate::task::{ClaimedTask, Intake, NewTask, TaskResult};
+use endpoint_wire::Status;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What running a task came to.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    Finished {
+        status: Status,
+        exit_code: Option<i32>,
+        body: Vec<u8>,
+    },
+    /// Killed because the agent is shutting down: the task goes back to the queue.
+    Interrupted,
+}
+
+pub(crate) fn finished(
+    status: Status,
+    exit_code: Option<i32>,
+    body: impl Into<Vec<u8>>,
+) -> Outcome {
+    Outcome::Finished {
+        status,
+        exit_code,
+        body: body.into(),
+    }
+}
+
+/// Runs `task` with the function the config names; `kill` aborts it (shutdown after the grace period).
+pub async fn execute(config: &Config, task: &ClaimedTask, kill: &CancellationToken) -> Outcome {
+    let Some(function) = config.function(&task.function) else {
+        // Checked on intake; reachable only if the config changed between runs of the agent.
+        return finished(
+            Status::Rejected,
+            None,
+            format!(
+                "unknown function {:?}: this endpoint does not offer it",
+                task.function
+            ),
+        );
+    };
+    let task_timeout = task.timeout_ms.map(Duration::from_millis);
+    match function {
+        Function::Echo => builtins::echo(&task.payload),
+        Function::Sleep => builtins::sleep(&task.payload, task_timeout, kill).await,
+        Function::Command(spec) => {
+            let timeout = task_timeout.map_or(spec.timeout, |t| t.min(spec.timeout));
+            process::run_command(spec, task, timeout, kill).await
+        }
+    }
+}
+
+/// Runs `task` on arrival if its function runs in-process and always finishes at once (`echo`): such a run costs
+/// far less than the commit that would claim it for a slot, so the subscriber stores the task together with its
+/// result in the commit that acks it ([`Intake::Ran`]), and no slot is involved. Any other task comes back as
+/// [`Intake::Task`], to be queued.
+///
+/// The caller runs only first deliveries (not `redelivered`): the task is unacked while it runs, so if the agent
+/// does not survive the run the broker keeps the task and marks its next delivery redelivered, and that one goes
+/// through the disk queue, its attempts counted. The result says `attempts` 1.
+pub fn run_on_arrival(config: &Config, task: NewTask) -> Intake {
+    match config.function(&task.function) {
+        Some(Function::Echo) => Intake::Ran {
+            function: task.function,
+            result: TaskResult {
+                task_id: task.task_id,
+                status: Status::Ok,
+                exit_code: None,
+                attempts: 1,
+                duration_ms: 0,
+                body: task.payload,
+            },
+        },
+        _ => Intake::Task(task),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::config;
+
+    fn task(function: &str, payload: &str, timeout_ms: Option<u64>) -> ClaimedTask {
+        ClaimedTask {
+            task_id: "t1".into(),
+            function: function.into(),
+            payload: payload.as_bytes().to_vec(),
+            timeout_ms,
+            attempts: 1,
+        }
+    }
+
+    async fn check(c: &Config, t: ClaimedTask, status: Status, body_has: &str) -> Outcome {
+        let out = execute(c, &t, &CancellationToken::new()).await;
+        match &out {
+            Outcome::Finished {
+                status: s, body, ..
+            } => {
+                let text = String::from_utf8_lossy(body);
+                assert_eq!(*s, status, "{}: {text}", t.function);
+                assert!(
+                    text.contains(body_has),
+                    "{}: {text:?} lacks {body_has:?}",
+                    t.function
+                );
+            }
+            Outcome::Interrupted => panic!("{} interrupted", t.function),
+        }
+        out
+    }
+
+    const FUNCTIONS: &str = r#"
+[functions.wc]
+command = ["wc", "-c"]
+[functions.fail]
+command = ["sh", "-c", "echo oops >&2; exit 3"]
+[functions.hang]
+command = ["sh", "-c", "sleep 30 & sleep 30"]
+timeout_secs = 1
+[functions.big]
+command = ["sh", "-c", "head -c 5000 /dev/zero"]
+max_output_bytes = 100
+[functions.selfkill]
+command = ["sh", "-c", "kill -9 $$"]
+[functions.missing]
+command = ["/nonexistent/program"]
+[functions.noread]
+command = ["true"]
+"#;
+
+    #[tokio::test]
+    async fn builtins_and_commands() {
+        let c = config(FUNCTIONS);
+        check(&c, task("echo", "hi", None), Status::Ok, "hi").await;
+        check(&c, task("sleep", "10", None), Status::Ok, "").await;
+        check(
+            &c,
+            task("sleep", "5000", Some(20)),
+            Status::Timeout,
+            "timed out",
+        )
+        .await;
+        check(
+            &c,
+            task("sleep", "", None),
+            Status::Rejected,
+            "needs a payload",
+        )
+        .await;
+        check(
+            &c,
+            task("sleep", "soon", None),
+            Status::Rejected,
+            "not a whole number",
+        )
+        .await;
+        check(&c, task("wc", "hello", None), Status::Ok, "5").await;
+        let out = check(&c, task("fail", "", None), Status::Failed, "oops").await;
+        assert!(matches!(
+            out,
+            Outcome::Finished {
+                exit_code: Some(3),
+                ..
+            }
+        ));
+        check(
+            &c,
+            task("hang", "", None),
+            Status::Timeout,
+            "process group was killed",
+        )
+        .await;
+        check(
+            &c,
+            task("hang", "", Some(50)),
+            Status::Timeout,
+            "after 50 ms",
+        )
+        .await;
+        check(
+            &c,
+            task("big", "", None),
+            Status::Failed,
+            "cap of 100 bytes",
+        )
+        .await;
+        check(&c, task("selfkill", "", None), Status::Failed, "signal 9").await;
+        check(
+            &c,
+            task("missing", "", None),
+            Status::Failed,
+            "cannot start",
+        )
+        .await;
+        let big_payload = "x".repeat(1 << 20);
+        check(&c, task("noread", &big_payload, None), Status::Ok, "").await;
+        check(
+            &c,
+            task("gone", "", None),
+            Status::Rejected,
+            "unknown function",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn kill_interrupts() {
+        let c = config(FUNCTIONS);
+        let kill = CancellationToken::new();
+        kill.cancel();
+        assert_eq!(
+            execute(&c, &task("hang", "", None), &kill).await,
+            Outcome::Interrupted
+        );
+        assert_eq!(
+            execute(&c, &task("sleep", "5000", None), &kill).await,
+            Outcome::Interrupted
+        );
+    }
+}

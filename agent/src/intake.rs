@@ -1,0 +1,373 @@
+//! What a delivery becomes: a task to queue, a `rejected` result (bad input with a task id), or nothing (no
+//! task id to answer to: logged and acked). Pure decisions on the fields of a delivery, whichever client read
+//! it (lapin, or the raw reader for what lapin cannot parse); no lapin here, so every rule is unit-tested.
+//! Also where a first delivery of an instant function is handed to `executor::run_on_arrival`.
+
+use crate::config::Config;
+use crate::executor;
+use crate::raw::{FieldValue, RawMessage, parse_table};
+use crate::task::{Intake, NewTask};
+use endpoint_wire::{HEADER_TIMEOUT_MS, MAX_HEADER_BYTES};
+
+/// A whole number written as text (an `x-timeout-ms` header sent as a string).
+pub(crate) fn parse_ms(text: &[u8]) -> Option<i128> {
+    std::str::from_utf8(text).ok()?.trim().parse().ok()
+}
+
+/// The `x-timeout-ms` value `n` read from the header value `shown`, if it is a positive integer.
+pub(crate) fn positive_ms(n: Option<i128>, shown: &dyn std::fmt::Debug) -> Result<u64, String> {
+    match n {
+        Some(n) if n > 0 => Ok(u64::try_from(n).unwrap_or(u64::MAX)),
+        _ => Err(format!(
+            "header {HEADER_TIMEOUT_MS} must be a positive integer number of milliseconds, got {shown:?}"
+        )),
+    }
+}
+
+fn utf8(b: &Option<Vec<u8>>) -> Result<Option<&str>, std::str::Utf8Error> {
+    b.as_deref().map(std::str::from_utf8).transpose()
+}
+
+/// What a message fetched by the raw reader (`crate::raw`) becomes, and whether lapin could not have read it
+/// (the reason it was fetched that way). A task id that is not UTF-8 cannot be answered (results carry it as a UTF-8 short
+/// string), so such a message is dropped and logged like one without an id.
+pub(crate) fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, bool) {
+    let p = &m.properties;
+    let Ok(message_id) = utf8(&p.message_id) else {
+        tracing::warn!(
+            message_id = ?String::from_utf8_lossy(p.message_id.as_deref().unwrap_or_default()),
+            function = ?p.kind.as_deref().map(String::from_utf8_lossy),
+            bytes = m.body.len(),
+            "dropped a task whose message_id is not valid UTF-8 (no task id to answer to): send task ids as UTF-8"
+        );
+        return (None, true);
+    };
+    let Some(task_id) = message_id.filter(|id| !id.is_empty()) else {
+        tracing::warn!(
+            bytes = m.body.len(),
+            "dropped a task without message_id (no task id to answer to): set message_id on every task"
+        );
+        return (None, false);
+    };
+    let reject = |reason: String| {
+        Some(Intake::Rejected {
+            task_id: task_id.to_owned(),
+            function: String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned(),
+            reason,
+        })
+    };
+    let Ok(function) = utf8(&p.kind) else {
+        let shown = String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned();
+        return (
+            reject(format!(
+                "the `type` property (the function name) is not valid UTF-8: {shown:?}"
+            )),
+            true,
+        );
+    };
+    let headers = match p.headers.as_deref().map(parse_table).transpose() {
+        Ok(h) => h.unwrap_or_default(),
+        Err(e) => return (reject(format!("task headers cannot be read: {e}")), true),
+    };
+    if let Some((key, _)) = headers
+        .iter()
+        .find(|(k, _)| std::str::from_utf8(k).is_err())
+    {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        return (
+            reject(format!("header name {shown:?} is not valid UTF-8")),
+            true,
+        );
+    }
+    let timeout = headers
+        .iter()
+        .find(|(k, _)| k.as_slice() == HEADER_TIMEOUT_MS.as_bytes())
+        .map(|(_, v)| {
+            let n = match v {
+                FieldValue::Int(n) => Some(*n),
+                FieldValue::Bytes(b) => parse_ms(b),
+                FieldValue::Other(_) => None,
+            };
+            positive_ms(n, v)
+        });
+    let header_bytes = p.headers.as_ref().map_or(0, Vec::len);
+    let intake = classify(
+        config,
+        Some(task_id),
+        function,
+        timeout,
+        header_bytes,
+        &m.body,
+    );
+    (intake, false)
+}
+
+/// A first delivery of a task whose function runs on arrival comes with its result (see
+/// [`executor::run_on_arrival`]); a redelivered one may be what stopped the agent last time, so it is queued
+/// and runs from the disk queue with its attempt counted.
+pub(crate) fn on_arrival(config: &Config, intake: Intake, redelivered: bool) -> Intake {
+    match intake {
+        Intake::Task(t) if !redelivered => executor::run_on_arrival(config, t),
+        other => other,
+    }
+}
+
+/// Decides what a delivery becomes. `None`: no task id, so nothing can be answered (logged and acked).
+pub(crate) fn classify(
+    config: &Config,
+    message_id: Option<&str>,
+    function: Option<&str>,
+    timeout: Option<Result<u64, String>>,
+    header_bytes: usize,
+    body: &[u8],
+) -> Option<Intake> {
+    let task_id = message_id.filter(|id| !id.is_empty())?.to_owned();
+    let reject = |function: &str, reason: String| {
+        Some(Intake::Rejected {
+            task_id: task_id.clone(),
+            function: function.to_owned(),
+            reason,
+        })
+    };
+    let Some(function) = function.filter(|f| !f.is_empty()) else {
+        return reject(
+            "",
+            "task has no `type` property: set it to the name of the function to run".into(),
+        );
+    };
+    if config.function(function).is_none() {
+        let offered: Vec<&str> = config.functions.keys().map(String::as_str).collect();
+        return reject(
+            function,
+            format!(
+                "unknown function {function:?}: this endpoint offers {}",
+                offered.join(", ")
+            ),
+        );
+    }
+    if body.len() > config.max_body_bytes {
+        return reject(
+            function,
+            format!(
+                "task body is {} bytes, over this endpoint's max_body_bytes of {}",
+                body.len(),
+                config.max_body_bytes
+            ),
+        );
+    }
+    if header_bytes > MAX_HEADER_BYTES {
+        return reject(
+            function,
+            format!(
+                "task headers are {header_bytes} bytes, over the limit of {MAX_HEADER_BYTES}: put data in the body, not in headers"
+            ),
+        );
+    }
+    let timeout_ms = match timeout.transpose() {
+        Ok(t) => t,
+        Err(reason) => return reject(function, reason),
+    };
+    Some(Intake::Task(NewTask {
+        task_id,
+        function: function.to_owned(),
+        payload: body.to_vec(),
+        timeout_ms,
+    }))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::raw::RawProperties;
+
+    /// An endpoint with the built-in functions only and a 10-byte body limit.
+    pub(crate) fn config() -> Config {
+        let mut c = crate::testing::config("");
+        c.max_body_bytes = 10;
+        c
+    }
+
+    #[test]
+    fn only_first_deliveries_of_instant_functions_run_on_arrival() {
+        let c = config();
+        let task = |f: &str| {
+            Intake::Task(NewTask {
+                task_id: "t".into(),
+                function: f.into(),
+                payload: b"hi".to_vec(),
+                timeout_ms: None,
+            })
+        };
+        match on_arrival(&c, task("echo"), false) {
+            Intake::Ran { function, result } => {
+                assert_eq!(function, "echo");
+                assert_eq!(
+                    (result.task_id.as_str(), result.status, result.attempts),
+                    ("t", endpoint_wire::Status::Ok, 1)
+                );
+                assert_eq!(result.body, b"hi");
+            }
+            other => panic!("echo on first delivery should run on arrival: {other:?}"),
+        }
+        // Redelivered: maybe it stopped the agent last time; it goes to the disk queue.
+        assert_eq!(on_arrival(&c, task("echo"), true), task("echo"));
+        // Not instant: queued for a slot.
+        assert_eq!(on_arrival(&c, task("sleep"), false), task("sleep"));
+        let rejected = Intake::Rejected {
+            task_id: "t".into(),
+            function: "echo".into(),
+            reason: "bad".into(),
+        };
+        assert_eq!(on_arrival(&c, rejected.clone(), false), rejected);
+    }
+
+    fn check(
+        id: Option<&str>,
+        f: Option<&str>,
+        t: Option<Result<u64, String>>,
+        body: &str,
+        want: Option<&str>,
+    ) {
+        let got = classify(&config(), id, f, t, 0, body.as_bytes());
+        match (got, want) {
+            (None, None) => {}
+            (Some(Intake::Task(t)), Some("task")) => assert_eq!(t.payload, body.as_bytes()),
+            (Some(Intake::Rejected { reason, .. }), Some(w)) => {
+                assert!(reason.contains(w), "{reason:?} lacks {w:?}")
+            }
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        check(Some("t"), Some("echo"), None, "hi", Some("task"));
+        check(None, Some("echo"), None, "hi", None);
+        check(Some(""), Some("echo"), None, "hi", None);
+        check(Some("t"), None, None, "hi", Some("no `type`"));
+        check(
+            Some("t"),
+            Some("nope"),
+            None,
+            "hi",
+            Some("offers echo, sleep"),
+        );
+        check(
+            Some("t"),
+            Some("echo"),
+            None,
+            "01234567890",
+            Some("max_body_bytes of 10"),
+        );
+        check(
+            Some("t"),
+            Some("echo"),
+            Some(Err("bad header".into())),
+            "x",
+            Some("bad header"),
+        );
+        check(Some("t"), Some("echo"), Some(Ok(5)), "x", Some("task"));
+    }
+
+    fn check_raw(props: RawProperties, want: Option<&str>, unparsable: bool) {
+        let m = RawMessage {
+            delivery_tag: 1,
+            redelivered: true,
+            properties: props,
+            body: b"hi".to_vec(),
+        };
+        let (got, bad) = classify_raw(&config(), &m);
+        assert_eq!(bad, unparsable, "{got:?}");
+        match (got, want) {
+            (None, None) => {}
+            (Some(Intake::Task(t)), Some(w)) if w.starts_with("task") => {
+                assert_eq!(format!("task {:?}", t.timeout_ms), w)
+            }
+            (Some(Intake::Rejected { reason, .. }), Some(w)) => {
+                assert!(reason.contains(w), "{reason:?} lacks {w:?}")
+            }
+            (got, want) => panic!("got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn raw_classification() {
+        use crate::raw::{FIELD_BYTES, FIELD_SIGNED_32, FIELD_VOID, table_entry};
+        let good = || RawProperties {
+            message_id: Some(b"t1".to_vec()),
+            kind: Some(b"echo".to_vec()),
+            headers: None,
+            delivery_mode: Some(2),
+        };
+        check_raw(good(), Some("task None"), false);
+        let timeout = table_entry(
+            HEADER_TIMEOUT_MS.as_bytes(),
+            FIELD_SIGNED_32,
+            &250i32.to_be_bytes(),
+        );
+        check_raw(
+            RawProperties {
+                headers: Some(timeout),
+                ..good()
+            },
+            Some("task Some(250)"),
+            false,
+        );
+        check_raw(
+            RawProperties {
+                message_id: Some(b"id\xff".to_vec()),
+                ..good()
+            },
+            None,
+            true,
+        );
+        check_raw(
+            RawProperties {
+                message_id: None,
+                ..good()
+            },
+            None,
+            false,
+        );
+        check_raw(
+            RawProperties {
+                kind: Some(b"ec\xffho".to_vec()),
+                ..good()
+            },
+            Some("`type` property (the function name) is not valid UTF-8"),
+            true,
+        );
+        check_raw(
+            RawProperties {
+                headers: Some(table_entry(b"k\xfe", FIELD_VOID, &[])),
+                ..good()
+            },
+            Some("header name \"k\u{fffd}\" is not valid UTF-8"),
+            true,
+        );
+        check_raw(
+            RawProperties {
+                headers: Some(table_entry(b"k", b'U', &[0, 1])),
+                ..good()
+            },
+            Some("unknown header field type 'U'"),
+            true,
+        );
+        let mut big = Vec::new();
+        for i in 0..200 {
+            big.extend(table_entry(
+                format!("h{i}").as_bytes(),
+                FIELD_BYTES,
+                &[&100u32.to_be_bytes()[..], &[7; 100]].concat(),
+            ));
+        }
+        check_raw(
+            RawProperties {
+                headers: Some(big),
+                ..good()
+            },
+            Some("over the limit of 16384"),
+            false,
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! The link supervisor: (re)registers, connects the subscriber and the publisher on connections of their own
+//! (with the AMQP heartbeat the registration sets), notices a dead link (lapin's error events, AMQP heartbeats,
+//! a failed operation) and starts over with backoff; its watchdog also turns `connection.blocked` /
+//! `unblocked` into the condition the publisher waits on. Executors never wait on it: a lost link only pauses
+//! intake and publishing.
+
+use super::heartbeat::Heartbeats;
+use super::publisher::Publisher;
+use super::subscriber::Subscriber;
+use crate::config::Config;
+use crate::limits::{CLOSE_TIMEOUT, STABLE_SESSION};
+use crate::meta::MetaKey;
+use crate::retry::Backoff;
+use crate::store::Store;
+use endpoint_wire::amqp::connect;
+use endpoint_wire::registration::{RegistrationError, fetch_registration};
+use endpoint_wire::{AgentState, BrokerError, Registration, now_rfc3339};
+use futures_lite::StreamExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// The link supervisor; built once by `crate::run`.
+pub(crate) struct Link {
+    config: Arc<Config>,
+    store: Store,
+    state: watch::Sender<AgentState>,
+    /// Sessions opened so far; every one after the first is a reconnect.
+    sessions: AtomicU64,
+}
+
+/// What every session uses, kept across reconnects.
+struct Parts {
+    subscriber: Subscriber,
+    publisher: Publisher,
+    heartbeats: Heartbeats,
+    /// `Some(why)` while the broker blocks the publishing connection; the publisher and heartbeats watch it.
+    blocked: watch::Sender<Option<String>>,
+}
+
+/// How a session with the broker ended.
+enum SessionEnd {
+    /// `drain` was cancelled and every result is published.
+    Drained,
+    Failed(BrokerError),
+}
+
+impl Link {
+    /// `state` is the agent's intake state as heartbeats report it (the subscriber sets it, `run` too).
+    pub(crate) fn new(config: Arc<Config>, store: Store, state: watch::Sender<AgentState>) -> Link {
+        Link {
+            config,
+            store,
+            state,
+            sessions: AtomicU64::new(0),
+        }
+    }
+
+    /// Keeps the endpoint connected until `drain` is cancelled and every result is published. `stop_intake`
+    /// stops consuming. Fails only when the first registration fails for a reason no retry can fix (the
+    /// endpoint is not provisioned, the credentials are refused): later failures are logged and retried.
+    pub async fn run(
+        self,
+        stop_intake: CancellationToken,
+        drain: CancellationToken,
+    ) -> Result<(), RegistrationError> {
+        let config = self.config.clone();
+        let ep = &config.endpoint_id;
+        let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+        let mut ever_registered = false;
+        let blocked = watch::channel(None).0;
+        let parts = Parts {
+            publisher: Publisher {
+                config: config.clone(),
+                store: self.store.clone(),
+                blocked: blocked.subscribe(),
+            },
+            heartbeats: Heartbeats {
+                config: config.clone(),
+                store: self.store.clone(),
+                state: self.state.subscribe(),
+                seq: AtomicU64::new(0),
+                blocked: blocked.subscribe(),
+            },
+            subscriber: Subscriber {
+                config: config.clone(),
+                store: self.store.clone(),
+                state: self.state.clone(),
+                unparsable: AtomicBool::new(false),
+            },
+            blocked,
+        };
+        loop {
+            let registered = async {
+                let conn = connect(
+                    &config.broker_url,
+                    &format!("endpoint-agent {ep} registration"),
+                )
+                .await?;
+                let reg = fetch_registration(&conn, ep).await;
+                let _ = conn.close(200, "registered".into()).await;
+                reg
+            };
+            let reg = match registered.await {
+                Ok(reg) => reg,
+                Err(e) if !ever_registered && !e.is_transient() => return Err(e),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if e.is_transient() {
+                        tracing::warn!(error = %e, ?delay, "broker unreachable; tasks on disk keep running; retrying");
+                    } else {
+                        tracing::error!(error = %e, ?delay, "cannot register; tasks on disk keep running; retrying");
+                    }
+                    self.note(format!("disconnected since {}: {e}", now_rfc3339()))
+                        .await;
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            if !ever_registered {
+                tracing::info!(endpoint = %ep, heartbeat_secs = reg.heartbeat_secs, broker = %config.broker_url, "registered");
+            }
+            ever_registered = true;
+            let started = std::time::Instant::now();
+            let end = self.session(&reg, &parts, &stop_intake, &drain).await;
+            // A session that stayed up a while proves the path works: the next outage starts over from the
+            // shortest delay instead of the longest one reached by earlier outages.
+            if started.elapsed() >= STABLE_SESSION {
+                backoff.reset();
+            }
+            match end {
+                SessionEnd::Drained => return Ok(()),
+                SessionEnd::Failed(e) => {
+                    if e.is_unparsable() {
+                        tracing::warn!(
+                            "a task could not be parsed by the AMQP client library; reading it with our own reader next"
+                        );
+                        parts.subscriber.unparsable.store(true, Ordering::Relaxed);
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, ?delay, "lost the broker; tasks keep running, results wait on disk; reconnecting");
+                    self.note(format!("disconnected since {}: {e}", now_rfc3339()))
+                        .await;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn set_blocked(&self, blocked: &watch::Sender<Option<String>>, why: Option<String>) {
+        self.store
+            .record(MetaKey::PublishingBlocked, why.clone().unwrap_or_default())
+            .await;
+        blocked.send_replace(why);
+    }
+
+    async fn note(&self, link: String) {
+        self.store.record(MetaKey::Link, link).await;
+    }
+
+    async fn session(
+        &self,
+        reg: &Registration,
+        parts: &Parts,
+        stop_intake: &CancellationToken,
+        drain: &CancellationToken,
+    ) -> SessionEnd {
+        let Parts {
+            subscriber,
+            publisher,
+            heartbeats,
+            blocked,
+        } = parts;
+        let ep = &self.config.endpoint_id;
+        let url = self.config.broker_url.with_heartbeat(reg.heartbeat_secs);
+        let connected = async {
+            let sub = connect(&url, &format!("endpoint-agent {ep} subscriber")).await?;
+            let publ = connect(&url, &format!("endpoint-agent {ep} publisher")).await?;
+            Ok::<_, BrokerError>((sub, publ))
+        };
+        let (sub_conn, pub_conn) = match connected.await {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        tracing::info!(broker = %self.config.broker_url, "connected");
+        self.note(format!("connected since {}", now_rfc3339()))
+            .await;
+        let sessions = self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.store
+            .record(MetaKey::Reconnects, sessions.to_string())
+            .await;
+        let interval = Duration::from_secs(u64::from(reg.heartbeat_secs));
+        let intake = async {
+            match subscriber.run(&sub_conn, stop_intake).await {
+                Ok(()) => std::future::pending().await,
+                Err(e) => e,
+            }
+        };
+        let watchdog = async {
+            let mut events = sub_conn.events_listener().or(pub_conn.events_listener());
+            while let Some(event) = events.next().await {
+                match event {
+                    // A channel-level (soft) error, such as the exclusive consume being refused, also arrives
+                    // here; it is handled where it happened and leaves the connection alive.
+                    lapin::Event::Error(e) if !e.is_amqp_soft_error() => {
+                        return BrokerError::amqp("the broker connection failed", e);
+                    }
+                    // Only the publisher connection publishes, so only it is ever blocked.
+                    lapin::Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(reason = %reason, "the broker blocked publishing (resource alarm): results wait on disk, tasks keep running; it resumes when the broker unblocks");
+                        self.set_blocked(
+                            blocked,
+                            Some(format!("since {}: {reason}", now_rfc3339())),
+                        )
+                        .await;
+                    }
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!(
+                            "the broker unblocked publishing: sending the results that waited"
+                        );
+                        self.set_blocked(blocked, None).await;
+                    }
+                    _ => {}
+                }
+            }
+            BrokerError::Lost("the broker connection closed".into())
+        };
+        let end = tokio::select! {
+            e = intake => SessionEnd::Failed(e),
+            e = watchdog => SessionEnd::Failed(e),
+            r = heartbeats.ticker(&pub_conn, interval) => SessionEnd::Failed(r.err().unwrap_or_else(|| BrokerError::Lost("the heartbeat ticker stopped".into()))),
+            r = publisher.run(&pub_conn, drain) => match r {
+                Ok(()) => SessionEnd::Drained,
+                Err(e) => SessionEnd::Failed(e),
+            },
+        };
+        if matches!(end, SessionEnd::Drained) {
+            if let Err(e) = heartbeats.final_heartbeat(&pub_conn, interval).await {
+                tracing::warn!(error = %e, "cannot publish the final heartbeat");
+            }
+            self.note(format!("stopped at {}", now_rfc3339())).await;
+        }
+        // A new connection starts unblocked (the broker blocks it again at its first publish if it must).
+        if blocked.borrow().is_some() {
+            self.set_blocked(blocked, None).await;
+        }
+        for conn in [&sub_conn, &pub_conn] {
+            let _ =
+                tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "endpoint-agent".into())).await;
+        }
+        end
+    }
+}

@@ -1,0 +1,356 @@
+//! The statements behind each store command, run inside the writer's transaction: queue what intake accepted,
+//! store results, claim tasks (the claim policy decides which, see `crate::claim`), requeue, mark published,
+//! prune, record meta facts; and the read of pending results. Each reports how it moved the [`Counts`] as a
+//! signed [`Delta`], applied only if its savepoint is released.
+
+use super::StoreError;
+use crate::claim::{self, Quarantine, Selection, Suspect, Take, Want};
+use crate::meta::MetaKey;
+use crate::task::{ClaimedTask, Counts, IngestOutcome, Intake, TaskResult};
+use endpoint_wire::{Status, now_ms};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Task states as stored in `tasks.state`.
+pub(super) const QUEUED: i64 = 0;
+pub(super) const RUNNING: i64 = 1;
+pub(super) const DONE: i64 = 2;
+
+/// How one command moved the counts; signed, applied to [`Counts`] once the command's savepoint is released.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Delta {
+    pub queued: i64,
+    pub running: i64,
+    pub done: i64,
+    pub results_pending: i64,
+}
+
+impl Delta {
+    /// A task that moved from `running` to `done` with a pending result.
+    fn finished(&mut self) {
+        self.running -= 1;
+        self.done += 1;
+        self.results_pending += 1;
+    }
+
+    pub(super) fn apply(&self, counts: &mut Counts) {
+        counts.queued = counts.queued.saturating_add_signed(self.queued);
+        counts.running = counts.running.saturating_add_signed(self.running);
+        counts.done = counts.done.saturating_add_signed(self.done);
+        counts.results_pending = counts
+            .results_pending
+            .saturating_add_signed(self.results_pending);
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Queues new tasks and records those that come with their result (rejected, or run on arrival), leaving ids
+/// already on disk alone (counted as duplicates).
+pub(super) fn ingest(
+    tx: &rusqlite::Transaction,
+    items: Vec<Intake>,
+    d: &mut Delta,
+) -> Result<IngestOutcome, StoreError> {
+    let now = now_ms() as i64;
+    let mut out = IngestOutcome::default();
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO tasks (task_id, function, payload, timeout_ms, state, received_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(task_id) DO NOTHING",
+    )?;
+    for item in items {
+        match item {
+            Intake::Task(t) => {
+                let timeout = t.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64);
+                if insert.execute(params![
+                    t.task_id, t.function, t.payload, timeout, QUEUED, now
+                ])? == 0
+                {
+                    out.duplicates += 1;
+                } else {
+                    out.queued += 1;
+                    d.queued += 1;
+                }
+            }
+            Intake::Rejected {
+                task_id,
+                function,
+                reason,
+            } => {
+                let result = TaskResult {
+                    task_id,
+                    status: Status::Rejected,
+                    exit_code: None,
+                    attempts: 0,
+                    duration_ms: 0,
+                    body: reason.into_bytes(),
+                };
+                if insert_done(tx, &mut insert, &function, &result, now, d)? {
+                    out.rejected += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+            Intake::Ran { function, result } => {
+                if insert_done(tx, &mut insert, &function, &result, now, d)? {
+                    out.ran += 1;
+                } else {
+                    out.duplicates += 1;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Records a task that arrives with its result: inserted without its payload, then finished. False if its id is
+/// already on disk (a duplicate: the result on disk, if any, stands and this one is dropped).
+fn insert_done(
+    tx: &rusqlite::Transaction,
+    insert: &mut rusqlite::CachedStatement,
+    function: &str,
+    result: &TaskResult,
+    now: i64,
+    d: &mut Delta,
+) -> Result<bool, StoreError> {
+    let empty: &[u8] = &[];
+    if insert.execute(params![
+        result.task_id,
+        function,
+        empty,
+        None::<i64>,
+        RUNNING,
+        now
+    ])? == 0
+    {
+        return Ok(false);
+    }
+    finish(tx, result)?;
+    d.done += 1;
+    d.results_pending += 1;
+    Ok(true)
+}
+
+/// Marks the task done (dropping its payload) and stores its result. Returns false if the task was not running
+/// (already finished: the first result wins).
+pub(super) fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError> {
+    let now = now_ms() as i64;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2, suspect = 0 WHERE task_id = ?3 AND state = ?4",
+        )?
+        .execute(params![DONE, now, r.task_id, RUNNING])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    tx.prepare_cached(
+        "INSERT INTO results (task_id, status, exit_code, attempts, duration_ms, body, finished_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(task_id) DO NOTHING",
+    )?
+    .execute(params![
+            r.task_id,
+            r.status.as_str(),
+            r.exit_code,
+            r.attempts,
+            r.duration_ms.min(i64::MAX as u64) as i64,
+            r.body,
+            now
+        ],
+    )?;
+    Ok(true)
+}
+
+/// Stores finished results (each task marked done with its result).
+pub(super) fn finish_all(
+    tx: &rusqlite::Transaction,
+    results: &[TaskResult],
+    d: &mut Delta,
+) -> Result<(), StoreError> {
+    for result in results {
+        if finish(tx, result)? {
+            d.finished();
+        }
+    }
+    Ok(())
+}
+
+/// Puts running tasks back in the queue without counting their attempt (shutdown, or claimed and not run).
+pub(super) fn requeue(
+    tx: &rusqlite::Transaction,
+    task_ids: Vec<String>,
+    d: &mut Delta,
+) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "UPDATE tasks SET state = ?1, attempts = MAX(attempts - 1, 0) WHERE task_id = ?2 AND state = ?3",
+    )?;
+    for task_id in task_ids {
+        if stmt.execute(params![QUEUED, task_id, RUNNING])? > 0 {
+            d.running -= 1;
+            d.queued += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Marks results (by row id) published.
+pub(super) fn mark_published(
+    tx: &rusqlite::Transaction,
+    ids: Vec<i64>,
+    d: &mut Delta,
+) -> Result<(), StoreError> {
+    let now = now_ms() as i64;
+    let mut stmt = tx.prepare_cached(
+        "UPDATE results SET published_at_ms = ?1 WHERE seq = ?2 AND published_at_ms IS NULL",
+    )?;
+    for id in ids {
+        if stmt.execute(params![now, id])? > 0 {
+            d.results_pending -= 1;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes results published before `before_ms` and their tasks; returns how many results.
+pub(super) fn prune(
+    tx: &rusqlite::Transaction,
+    before_ms: u64,
+    d: &mut Delta,
+) -> Result<u64, StoreError> {
+    let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+    let tasks = tx.execute(
+        "DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM results WHERE published_at_ms < ?1)",
+        [before],
+    )?;
+    d.done -= count(tasks);
+    let n = tx.execute("DELETE FROM results WHERE published_at_ms < ?1", [before])?;
+    Ok(n as u64)
+}
+
+/// Records a fact for `endpoint-agent status`.
+pub(super) fn set_meta(
+    tx: &rusqlite::Transaction,
+    key: MetaKey,
+    value: &str,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key.as_str(), value],
+    )?;
+    Ok(())
+}
+
+/// Claims queued tasks as the claim policy decides (see `crate::claim`), oldest first, counting an attempt
+/// for each.
+pub(super) fn claim(
+    tx: &rusqlite::Transaction,
+    want: &Want,
+    d: &mut Delta,
+) -> Result<Vec<ClaimedTask>, StoreError> {
+    if want.max == 0 {
+        return Ok(Vec::new());
+    }
+    let suspect: Option<(i64, i64)> = tx
+        .prepare_cached(
+            // INDEXED BY: left to itself the planner walks tasks_by_state for `state IN (..)` and reads every
+            // queued row to test `suspect`, which made each claim cost O(backlog). Suspects are few.
+            "SELECT seq, state FROM tasks INDEXED BY tasks_suspect
+             WHERE suspect = 1 AND state IN (?1, ?2) ORDER BY state DESC, seq LIMIT 1",
+        )?
+        .query_row([QUEUED, RUNNING], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let suspect = suspect.map(|(seq, state)| {
+        if state == RUNNING {
+            Suspect::Running
+        } else {
+            Suspect::Queued(seq)
+        }
+    });
+    let mut busy_error = None;
+    let rule = claim::quarantine(suspect, || {
+        tx.prepare_cached("SELECT EXISTS(SELECT 1 FROM tasks WHERE state = ?1)")
+            .and_then(|mut s| s.query_row([RUNNING], |r| r.get(0)))
+            .unwrap_or_else(|e| {
+                busy_error = Some(e);
+                true
+            })
+    });
+    if let Some(e) = busy_error {
+        return Err(e.into());
+    }
+    let read = |r: &rusqlite::Row| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            ClaimedTask {
+                task_id: r.get(1)?,
+                function: r.get(2)?,
+                payload: r.get(3)?,
+                timeout_ms: r.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
+                attempts: r.get::<_, u32>(5)? + 1,
+            },
+        ))
+    };
+    let mut rows: Vec<(i64, ClaimedTask)> = Vec::new();
+    match rule {
+        Quarantine::Wait => return Ok(Vec::new()),
+        Quarantine::Alone(seq) => rows.extend(
+            tx.prepare_cached(
+                "SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks WHERE seq = ?1",
+            )?
+            .query_row([seq], read)
+            .optional()?,
+        ),
+        Quarantine::Off => {
+            let mut stmt = tx.prepare_cached(
+                "SELECT seq, task_id, function, payload, timeout_ms, attempts FROM tasks
+                 WHERE state = ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let mut selection = Selection::new(want);
+            for row in stmt.query_map(params![QUEUED, count(want.max)], read)? {
+                let row = row?;
+                match selection.offer(&row.1.function, row.1.payload.len()) {
+                    Take::AndMore => rows.push(row),
+                    Take::AndStop => {
+                        rows.push(row);
+                        break;
+                    }
+                    Take::Stop => break,
+                }
+            }
+        }
+    }
+    let mut mark =
+        tx.prepare_cached("UPDATE tasks SET state = ?1, attempts = attempts + 1 WHERE seq = ?2")?;
+    for (seq, _) in &rows {
+        mark.execute(params![RUNNING, seq])?;
+    }
+    d.queued -= count(rows.len());
+    d.running += count(rows.len());
+    Ok(rows.into_iter().map(|(_, t)| t).collect())
+}
+
+pub(super) fn pending(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, task_id, status, exit_code, attempts, duration_ms, body FROM results
+         WHERE published_at_ms IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(params![after, limit.min(i64::MAX as usize) as i64], |r| {
+        let status: String = r.get(2)?;
+        Ok((
+            r.get(0)?,
+            TaskResult {
+                task_id: r.get(1)?,
+                status: Status::parse(&status).unwrap_or(Status::Failed),
+                exit_code: r.get(3)?,
+                attempts: r.get(4)?,
+                duration_ms: r.get::<_, i64>(5)?.max(0) as u64,
+                body: r.get(6)?,
+            },
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

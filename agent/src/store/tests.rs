@@ -1,0 +1,507 @@
+//! The store's unit tests: the life of tasks and results through the handle, crash recovery and quarantine,
+//! batch claims, parked claims, damaged files, and the read-only paths.
+
+use super::*;
+use crate::limits::MAX_CLAIM_BYTES;
+use crate::task::NewTask;
+use endpoint_wire::Status;
+use rusqlite::Connection;
+use std::time::Duration;
+
+fn task(id: &str) -> Intake {
+    Intake::Task(NewTask {
+        task_id: id.into(),
+        function: "echo".into(),
+        payload: id.as_bytes().to_vec(),
+        timeout_ms: None,
+    })
+}
+
+fn ok(c: &ClaimedTask) -> TaskResult {
+    TaskResult {
+        task_id: c.task_id.clone(),
+        status: Status::Ok,
+        exit_code: Some(0),
+        attempts: c.attempts,
+        duration_ms: 1,
+        body: c.payload.clone(),
+    }
+}
+
+/// The one-task-at-a-time use of `finish_and_claim`.
+async fn fc(store: &Store, r: Option<TaskResult>, claim: bool) -> Option<ClaimedTask> {
+    let mut got = store
+        .finish_and_claim(r.into_iter().collect(), usize::from(claim))
+        .await
+        .unwrap();
+    assert!(got.len() <= 1);
+    got.pop()
+}
+
+fn counts(store: &Store) -> Counts {
+    *store.counts().borrow()
+}
+
+#[tokio::test]
+async fn task_life_cycle_and_dedup() {
+    let dir = tempdir("life");
+    let (store, rec) = Store::open(&dir, 3).unwrap();
+    assert_eq!(rec, Recovery::default());
+    let out = store
+        .ingest(vec![task("a"), task("b"), task("a")])
+        .await
+        .unwrap();
+    assert_eq!((out.queued, out.duplicates), (2, 1));
+    let bad = Intake::Rejected {
+        task_id: "c".into(),
+        function: "nope".into(),
+        reason: "unknown".into(),
+    };
+    assert_eq!(store.ingest(vec![bad]).await.unwrap().rejected, 1);
+    assert_eq!(
+        counts(&store),
+        Counts {
+            queued: 2,
+            running: 0,
+            done: 1,
+            results_pending: 1
+        }
+    );
+
+    let a = fc(&store, None, true).await.unwrap();
+    assert_eq!((a.task_id.as_str(), a.attempts), ("a", 1));
+    let b = fc(&store, Some(ok(&a)), true).await.unwrap();
+    assert_eq!(b.task_id, "b");
+    assert_eq!(fc(&store, Some(ok(&b)), true).await, None);
+    // A finished task's second result is ignored, and a redelivery is not queued again.
+    assert_eq!(fc(&store, Some(ok(&b)), false).await, None);
+    assert_eq!(store.ingest(vec![task("b")]).await.unwrap().duplicates, 1);
+    assert_eq!(
+        counts(&store),
+        Counts {
+            queued: 0,
+            running: 0,
+            done: 3,
+            results_pending: 3
+        }
+    );
+
+    let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
+    let ids: Vec<_> = pending.iter().map(|(_, r)| r.task_id.as_str()).collect();
+    assert_eq!(ids, ["c", "a", "b"]);
+    assert_eq!(pending[0].1.status, Status::Rejected);
+    store
+        .mark_published(vec![pending[0].0, pending[1].0])
+        .await
+        .unwrap();
+    assert_eq!(counts(&store).results_pending, 1);
+    assert_eq!(store.prune(endpoint_wire::now_ms() + 1).await.unwrap(), 2);
+    assert_eq!(counts(&store).done, 1);
+    assert_eq!(
+        Reader::open(&dir)
+            .unwrap()
+            .pending_results(0, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_task_run_on_arrival_is_stored_done_with_its_result() {
+    let dir = tempdir("ran");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let ran = |id: &str, body: &str| Intake::Ran {
+        function: "echo".into(),
+        result: TaskResult {
+            task_id: id.into(),
+            status: Status::Ok,
+            exit_code: None,
+            attempts: 1,
+            duration_ms: 0,
+            body: body.into(),
+        },
+    };
+    let out = store
+        .ingest(vec![
+            task("q"),
+            ran("r", "first"),
+            ran("r", "second"),
+            ran("q", "x"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((out.queued, out.ran, out.duplicates), (1, 1, 2));
+    // A redelivery of a task stored with its result is a duplicate too.
+    let out = store.ingest(vec![task("r")]).await.unwrap();
+    assert_eq!((out.queued, out.duplicates), (0, 1));
+    assert_eq!(
+        counts(&store),
+        Counts {
+            queued: 1,
+            running: 0,
+            done: 1,
+            results_pending: 1
+        }
+    );
+    let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].1.task_id.as_str(), pending[0].1.body.as_slice()),
+        ("r", b"first".as_slice())
+    );
+    // The task that was queued before its id came again with a result is still queued, unchanged.
+    let q = fc(&store, None, true).await.unwrap();
+    assert_eq!(
+        (q.task_id.as_str(), q.payload.as_slice()),
+        ("q", b"q".as_slice())
+    );
+}
+
+#[tokio::test]
+async fn crash_recovery_requeues_then_gives_up() {
+    let dir = tempdir("crash");
+    for round in 1..=4u32 {
+        let (store, rec) = Store::open(&dir, 3).unwrap();
+        if round == 1 {
+            store.ingest(vec![task("poison")]).await.unwrap();
+        } else if round <= 3 {
+            assert_eq!(rec.requeued, 1, "round {round}");
+        } else {
+            assert_eq!(rec.given_up, 1);
+            let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
+            assert_eq!(pending[0].1.status, Status::Failed);
+            assert_eq!(pending[0].1.attempts, 3);
+            return;
+        }
+        // Claim and "crash" (drop the store without finishing).
+        let t = fc(&store, None, true).await.unwrap();
+        assert_eq!(t.attempts, round);
+    }
+    unreachable!("round 4 returns");
+}
+
+#[tokio::test]
+async fn tasks_that_shared_a_crash_run_alone() {
+    let dir = tempdir("quarantine");
+    {
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        store.ingest(vec![task("s1"), task("s2")]).await.unwrap();
+        fc(&store, None, true).await.unwrap();
+        fc(&store, None, true).await.unwrap();
+        store.ingest(vec![task("fresh")]).await.unwrap();
+    } // crash with s1 and s2 running
+    let (store, rec) = Store::open(&dir, 3).unwrap();
+    assert_eq!(rec.requeued, 2);
+    let s1 = fc(&store, None, true).await.unwrap();
+    assert_eq!((s1.task_id.as_str(), s1.attempts), ("s1", 2));
+    // Nothing runs beside a suspect, not even the fresh task.
+    assert_eq!(fc(&store, None, true).await, None);
+    let s2 = fc(&store, Some(ok(&s1)), true).await.unwrap();
+    assert_eq!(s2.task_id, "s2");
+    assert_eq!(fc(&store, None, true).await, None);
+    let fresh = fc(&store, Some(ok(&s2)), true).await.unwrap();
+    assert_eq!(fresh.task_id, "fresh");
+    // Quarantine is over: ordinary tasks run side by side again.
+    store.ingest(vec![task("a"), task("b")]).await.unwrap();
+    assert!(fc(&store, None, true).await.is_some());
+    assert!(fc(&store, None, true).await.is_some());
+}
+
+#[tokio::test]
+async fn requeue_does_not_count_an_attempt() {
+    let dir = tempdir("requeue");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    store.ingest(vec![task("t")]).await.unwrap();
+    let t = fc(&store, None, true).await.unwrap();
+    store.requeue(vec![t.task_id]).await.unwrap();
+    let again = fc(&store, None, true).await.unwrap();
+    assert_eq!(again.attempts, 1);
+}
+
+#[tokio::test]
+async fn claims_and_stores_several_per_commit() {
+    let dir = tempdir("batch");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let ids = ["a", "b", "c", "d", "e"];
+    store
+        .ingest(ids.iter().map(|i| task(i)).collect())
+        .await
+        .unwrap();
+    let first = store.finish_and_claim(vec![], 3).await.unwrap();
+    let got: Vec<_> = first
+        .iter()
+        .map(|t| (t.task_id.as_str(), t.attempts))
+        .collect();
+    assert_eq!(got, [("a", 1), ("b", 1), ("c", 1)]);
+    assert_eq!((counts(&store).queued, counts(&store).running), (2, 3));
+    let results = first.iter().map(ok).collect();
+    let rest = store.finish_and_claim(results, 10).await.unwrap();
+    assert_eq!(rest.len(), 2);
+    assert_eq!(
+        counts(&store),
+        Counts {
+            queued: 0,
+            running: 2,
+            done: 3,
+            results_pending: 3
+        }
+    );
+    // Paging past a row id.
+    let page = Reader::open(&dir).unwrap().pending_results(0, 2).unwrap();
+    assert_eq!(page.len(), 2);
+    let next = Reader::open(&dir)
+        .unwrap()
+        .pending_results(page[1].0, 10)
+        .unwrap();
+    let ids: Vec<_> = next.iter().map(|(_, r)| r.task_id.as_str()).collect();
+    assert_eq!(ids, ["c"]);
+}
+
+#[tokio::test]
+async fn a_claim_of_several_holds_only_batchable_functions() {
+    let dir = tempdir("only");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let of = |id: &str, function: &str| {
+        Intake::Task(NewTask {
+            task_id: id.into(),
+            function: function.into(),
+            payload: Vec::new(),
+            timeout_ms: None,
+        })
+    };
+    let tasks = [
+        ("a", "echo"),
+        ("b", "echo"),
+        ("c", "sleep"),
+        ("d", "sleep"),
+        ("e", "echo"),
+    ];
+    store
+        .ingest(tasks.iter().map(|(i, f)| of(i, f)).collect())
+        .await
+        .unwrap();
+    let want = || Want {
+        max: 10,
+        only: Some(vec!["echo".to_owned()]),
+    };
+    let ids = |v: Vec<ClaimedTask>| v.into_iter().map(|t| t.task_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.finish_and_claim(vec![], want()).await.unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(
+        ids(store.finish_and_claim(vec![], want()).await.unwrap()),
+        ["c"]
+    );
+    assert_eq!(ids(store.wait_and_claim(want()).await.unwrap()), ["d"]);
+    assert_eq!(
+        ids(store.finish_and_claim(vec![], want()).await.unwrap()),
+        ["e"]
+    );
+}
+
+#[tokio::test]
+async fn a_claim_holds_a_bounded_number_of_payload_bytes() {
+    let dir = tempdir("bytes");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let big = |id: &str| {
+        Intake::Task(NewTask {
+            task_id: id.into(),
+            function: "echo".into(),
+            payload: vec![0; MAX_CLAIM_BYTES * 3 / 5],
+            timeout_ms: None,
+        })
+    };
+    store
+        .ingest(vec![big("x"), big("y"), big("z")])
+        .await
+        .unwrap();
+    assert_eq!(store.finish_and_claim(vec![], 10).await.unwrap().len(), 2);
+    assert_eq!(store.finish_and_claim(vec![], 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn suspects_are_claimed_alone_even_in_batches() {
+    let dir = tempdir("batch-quarantine");
+    {
+        let (store, _) = Store::open(&dir, 3).unwrap();
+        store
+            .ingest(vec![task("s1"), task("s2"), task("s3")])
+            .await
+            .unwrap();
+        assert_eq!(store.finish_and_claim(vec![], 3).await.unwrap().len(), 3);
+    } // crash with a claimed batch: every task in it is a suspect
+    let (store, rec) = Store::open(&dir, 3).unwrap();
+    assert_eq!(rec.requeued, 3);
+    store.ingest(vec![task("fresh")]).await.unwrap();
+    let mut order = Vec::new();
+    let mut last: Vec<TaskResult> = Vec::new();
+    loop {
+        let got = store.finish_and_claim(last, 10).await.unwrap();
+        assert!(got.len() <= 1, "suspects run alone: {got:?}");
+        assert_eq!(store.finish_and_claim(vec![], 10).await.unwrap(), vec![]);
+        let Some(t) = got.into_iter().next() else {
+            break;
+        };
+        order.push(t.task_id.clone());
+        last = vec![ok(&t)];
+        if t.task_id == "fresh" {
+            break;
+        }
+    }
+    assert_eq!(order, ["s1", "s2", "s3", "fresh"]);
+}
+
+#[tokio::test]
+async fn a_waiting_claim_is_served_by_the_ingest_commit() {
+    let dir = tempdir("park");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move { store.wait_and_claim(2).await }
+    });
+    // A claim dropped before tasks arrive takes nothing.
+    let dropped = tokio::time::timeout(Duration::from_millis(50), store.wait_and_claim(5)).await;
+    assert!(dropped.is_err());
+    store
+        .ingest(vec![task("a"), task("b"), task("c")])
+        .await
+        .unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    let ids: Vec<_> = got.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!((counts(&store).queued, counts(&store).running), (1, 2));
+    // Nothing waits when a task is there already.
+    assert_eq!(store.wait_and_claim(5).await.unwrap().len(), 1);
+    // A claim answered but never taken goes back to the queue without counting an attempt.
+    store.ingest(vec![task("d")]).await.unwrap();
+    let unread = store.wait_and_claim(1);
+    store
+        .set_meta(MetaKey::Reconnects, "1".into())
+        .await
+        .unwrap(); // the writer has answered `unread` by now
+    drop(unread);
+    store
+        .set_meta(MetaKey::Reconnects, "2".into())
+        .await
+        .unwrap(); // and has requeued what it held
+    assert_eq!((counts(&store).queued, counts(&store).running), (1, 3));
+    let d = store.finish_and_claim(vec![], 1).await.unwrap();
+    assert_eq!((d[0].task_id.as_str(), d[0].attempts), ("d", 1));
+}
+
+#[tokio::test]
+async fn requeue_takes_back_a_batch() {
+    let dir = tempdir("requeue-batch");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    store.ingest(vec![task("a"), task("b")]).await.unwrap();
+    let got = store.finish_and_claim(vec![], 2).await.unwrap();
+    store
+        .requeue(got.into_iter().map(|t| t.task_id).collect())
+        .await
+        .unwrap();
+    assert_eq!((counts(&store).queued, counts(&store).running), (2, 0));
+    let again = store.finish_and_claim(vec![], 2).await.unwrap();
+    assert!(again.iter().all(|t| t.attempts == 1));
+}
+
+#[tokio::test]
+async fn status_reads_alongside_the_writer() {
+    let dir = tempdir("status");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    store.ingest(vec![task("x"), task("y")]).await.unwrap();
+    store
+        .set_meta(MetaKey::Link, "connected".into())
+        .await
+        .unwrap();
+    let (c, meta) = read_status(&dir).unwrap();
+    assert_eq!(c.queued, 2);
+    assert_eq!(meta, vec![("link".to_owned(), "connected".to_owned())]);
+}
+
+#[test]
+fn garbage_file_is_a_clear_open_error() {
+    let dir = tempdir("garbage");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(DB_FILE), vec![0x42u8; 8192]).unwrap();
+    let err = Store::open(&dir, 3).err().expect("garbage must not open");
+    assert!(matches!(err, StoreError::Damaged(..)), "{err}");
+    assert!(err.to_string().contains(DB_FILE));
+}
+
+#[tokio::test]
+async fn truncated_database_is_refused_and_left_alone() {
+    let dir = tempdir("truncated");
+    let path = dir.join(DB_FILE);
+    let wal = dir.join(format!("{DB_FILE}-wal"));
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let many: Vec<Intake> = (0..3000).map(|i| task(&format!("task-{i:05}"))).collect();
+    store.ingest(many).await.unwrap();
+    // Most pages in the database file, the latest ones in the WAL.
+    Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        .unwrap();
+    store
+        .ingest(vec![task("late-1"), task("late-2")])
+        .await
+        .unwrap();
+    // A crash leaves the database with a WAL of committed pages beside it: copy both as they are now.
+    let (bytes, wal_bytes) = (std::fs::read(&path).unwrap(), std::fs::read(&wal).unwrap());
+    drop(store);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let check = |with_wal: bool, with_shm: bool| {
+        let _ = std::fs::remove_file(&wal);
+        let _ = std::fs::remove_file(dir.join(format!("{DB_FILE}-shm")));
+        let cut = &bytes[..bytes.len() / 2];
+        std::fs::write(&path, cut).unwrap();
+        if with_wal {
+            std::fs::write(&wal, &wal_bytes).unwrap();
+        }
+        if with_shm {
+            // A reader builds the WAL index (the -shm file) and leaves it behind, as a crash does.
+            let c = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+            let _ = c.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        }
+        let err = Store::open(&dir, 3)
+            .err()
+            .expect("a truncated database must not open");
+        assert!(
+            matches!(err, StoreError::Damaged(..)),
+            "wal {with_wal} shm {with_shm}: {err}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert!(
+            std::fs::read(&path).unwrap() == cut,
+            "wal {with_wal} shm {with_shm}: the file was changed"
+        );
+    };
+    check(false, false);
+    check(true, false);
+    check(true, true);
+}
+
+#[tokio::test]
+async fn checkpoint_leaves_the_database_file_complete() {
+    let dir = tempdir("checkpoint");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    store.ingest(vec![task("a"), task("b")]).await.unwrap();
+    store.checkpoint().await.unwrap();
+    // The database file alone, without its WAL, holds both tasks.
+    let copy = tempdir("checkpoint-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(dir.join(DB_FILE), copy.join(DB_FILE)).unwrap();
+    let (counts, _) = read_status(&copy).unwrap();
+    assert_eq!(counts.queued, 2);
+}
+
+fn tempdir(name: &str) -> crate::testing::TestDir {
+    crate::testing::TestDir::new(&format!("store-{name}"))
+}

@@ -1,0 +1,220 @@
+//! The writer thread: the only read-write connection. It takes every command waiting, runs them all in one
+//! transaction (each under its own savepoint, so one failure does not undo the others) and commits once: group
+//! commit, so the cost of an fsync is shared by everything that arrived while the previous one ran. A reply is
+//! sent only after the commit. Idle slots park their claims here; a parked claim is served in the first commit
+//! that makes a task claimable (typically the one that queues new tasks).
+
+use super::sql::{self, Delta};
+use super::{Reply, StoreError};
+use crate::claim::Want;
+use crate::limits::{MARK_DELAY, WRITER_MAX_BATCH};
+use crate::meta::MetaKey;
+use crate::task::{ClaimedTask, Counts, IngestOutcome, Intake, TaskResult};
+use rusqlite::{Connection, TransactionBehavior};
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use tokio::sync::{oneshot, watch};
+
+/// What the store handle sends the writer.
+pub(super) enum Command {
+    /// Run in the next transaction.
+    Run(Op),
+    /// Claim up to `want` tasks as soon as one can be claimed: parked in the writer until a later batch (an
+    /// ingest, a requeue, the end of a quarantine) makes one claimable, then claimed in that batch.
+    Park(Want, Reply<Vec<ClaimedTask>>),
+}
+
+/// A command that runs in the next transaction.
+pub(super) enum Op {
+    Ingest(Vec<Intake>, Reply<IngestOutcome>),
+    /// Stores finished results and claims up to `want` queued tasks, in one transaction.
+    FinishAndClaim(Vec<TaskResult>, Want, Reply<Vec<ClaimedTask>>),
+    /// Puts tasks interrupted by shutdown (or claimed but not started) back in the queue, not counting the run
+    /// as an attempt.
+    Requeue(Vec<String>, Reply<()>),
+    MarkPublished(Vec<i64>, Reply<()>),
+    Prune(u64, Reply<u64>),
+    SetMeta(MetaKey, String, Reply<()>),
+}
+
+/// A parked claim: how many tasks it takes, and where they go.
+type Parked = (Want, Reply<Vec<ClaimedTask>>);
+
+pub(super) fn run(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Command>,
+    counts: watch::Sender<Counts>,
+) {
+    let mut parked: VecDeque<Parked> = VecDeque::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::new();
+        take(first, &mut batch, &mut parked);
+        while batch.len() < WRITER_MAX_BATCH {
+            match rx.try_recv() {
+                Ok(cmd) => take(cmd, &mut batch, &mut parked),
+                Err(_) => break,
+            }
+        }
+        // A batch of nothing but "published" marks is not urgent (a mark lost in a crash only means a result
+        // is published twice): it waits a little for a command that needs a commit anyway and rides along.
+        while !batch.is_empty()
+            && batch.len() < WRITER_MAX_BATCH
+            && batch.iter().all(|op| matches!(op, Op::MarkPublished(..)))
+        {
+            match rx.recv_timeout(MARK_DELAY) {
+                Ok(cmd) => take(cmd, &mut batch, &mut parked),
+                Err(_) => break,
+            }
+        }
+        let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts);
+        // Tasks claimed for a caller that went away meanwhile: back to the queue, attempt not counted.
+        while !orphans.is_empty() {
+            let (reply, _rx) = oneshot::channel();
+            orphans = run_batch(
+                &mut conn,
+                vec![Op::Requeue(orphans, reply)],
+                &mut parked,
+                &counts,
+            );
+        }
+    }
+}
+
+/// Sorts a command into this batch or the parked claims (served, in order, after the batch's own commands).
+fn take(cmd: Command, batch: &mut Vec<Op>, parked: &mut VecDeque<Parked>) {
+    match cmd {
+        Command::Run(op) => batch.push(op),
+        Command::Park(want, reply) => parked.push_back((want, reply)),
+    }
+}
+
+/// A reply held back until the batch's commit, then sent with the command's own result or the commit's error.
+/// Returns the ids of tasks it claimed for a caller that is gone (they must be requeued).
+type Deferred = Box<dyn FnOnce(Option<&StoreError>) -> Vec<String> + Send>;
+
+fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Deferred {
+    Box::new(move |commit_error: Option<&StoreError>| {
+        let result = match (result, commit_error) {
+            (Ok(_), Some(e)) => Err(copy_error(e)),
+            (r, _) => r,
+        };
+        let _ = reply.send(result);
+        Vec::new()
+    })
+}
+
+/// Like [`defer`] for claimed tasks: if the caller dropped its end, the claimed tasks are handed back.
+fn defer_claim(
+    reply: Reply<Vec<ClaimedTask>>,
+    result: Result<Vec<ClaimedTask>, StoreError>,
+) -> Deferred {
+    Box::new(move |commit_error: Option<&StoreError>| {
+        let result = match (result, commit_error) {
+            (Ok(_), Some(e)) => Err(copy_error(e)),
+            (r, _) => r,
+        };
+        match reply.send(result) {
+            Err(Ok(tasks)) => tasks.into_iter().map(|t| t.task_id).collect(),
+            _ => Vec::new(),
+        }
+    })
+}
+
+fn copy_error(e: &StoreError) -> StoreError {
+    StoreError::Commit(e.to_string(), e.is_disk_full())
+}
+
+/// Runs one batch in one transaction and commits it, serving parked claims last; then replies. Returns tasks to
+/// requeue (see [`Deferred`]).
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<Op>,
+    parked: &mut VecDeque<Parked>,
+    counts_tx: &watch::Sender<Counts>,
+) -> Vec<String> {
+    let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
+    let mut counts = *counts_tx.borrow();
+    let outcome = (|| -> Result<(), StoreError> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for op in batch {
+            tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
+            let mut delta = Delta::default();
+            let (reply, ok) = execute(&tx, op, &mut delta);
+            if ok {
+                tx.prepare_cached("RELEASE cmd")?.execute([])?;
+                delta.apply(&mut counts);
+            } else {
+                tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+            }
+            replies.push(reply);
+        }
+        // Parked claims, oldest first, as long as tasks can be claimed.
+        while let Some((want, reply)) = parked.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
+            let mut delta = Delta::default();
+            match sql::claim(&tx, &want, &mut delta) {
+                Ok(tasks) if tasks.is_empty() => {
+                    tx.prepare_cached("RELEASE cmd")?.execute([])?;
+                    parked.push_front((want, reply));
+                    break;
+                }
+                Ok(tasks) => {
+                    tx.prepare_cached("RELEASE cmd")?.execute([])?;
+                    delta.apply(&mut counts);
+                    replies.push(defer_claim(reply, Ok(tasks)));
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
+                    replies.push(defer_claim(reply, Err(e)));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    })();
+    match outcome {
+        Ok(()) => {
+            counts_tx.send_if_modified(|c| {
+                let changed = *c != counts;
+                *c = counts;
+                changed
+            });
+            replies.into_iter().flat_map(|r| r(None)).collect()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "store commit failed; nothing in this batch was kept");
+            replies.into_iter().for_each(|r| {
+                r(Some(&e));
+            });
+            // Commands that never got a reply (the batch broke off early) are answered by dropping their
+            // senders, which callers see as `Closed`; re-read the counts since the transaction rolled back.
+            if let Ok(c) = super::schema::read_counts(conn) {
+                counts_tx.send_replace(c);
+            }
+            Vec::new()
+        }
+    }
+}
+
+/// Runs one command; returns its deferred reply and whether it succeeded (else its savepoint is rolled back).
+fn execute(tx: &rusqlite::Transaction, op: Op, d: &mut Delta) -> (Deferred, bool) {
+    fn done<T: Send + 'static>(reply: Reply<T>, r: Result<T, StoreError>) -> (Deferred, bool) {
+        let ok = r.is_ok();
+        (defer(reply, r), ok)
+    }
+    match op {
+        Op::Ingest(items, reply) => done(reply, sql::ingest(tx, items, d)),
+        Op::FinishAndClaim(results, want, reply) => {
+            let r = sql::finish_all(tx, &results, d).and_then(|()| sql::claim(tx, &want, d));
+            let ok = r.is_ok();
+            (defer_claim(reply, r), ok)
+        }
+        Op::Requeue(task_ids, reply) => done(reply, sql::requeue(tx, task_ids, d)),
+        Op::MarkPublished(ids, reply) => done(reply, sql::mark_published(tx, ids, d)),
+        Op::Prune(before, reply) => done(reply, sql::prune(tx, before, d)),
+        Op::SetMeta(key, value, reply) => done(reply, sql::set_meta(tx, key, &value)),
+    }
+}
