@@ -4,41 +4,10 @@
 //! reads or writes the agent's database; that is `endpoint_agent::store`'s business.
 
 use anyhow::{Context, Result, anyhow, bail};
-use endpoint_agent::wire::EndpointId;
+use endpoint_wire::EndpointId;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Builds `endpoint-agent` with `cargo build --release` and returns the binary's path.
-pub fn build_release() -> Result<PathBuf> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let status = Command::new(&cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "endpoint-agent",
-            "--bin",
-            "endpoint-agent",
-        ])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .status()
-        .with_context(|| format!("while running {cargo} build --release -p endpoint-agent"))?;
-    if !status.success() {
-        bail!("cargo build --release -p endpoint-agent failed; fix the build or pass --agent-bin");
-    }
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-    };
-    let bin = target.join("release").join("endpoint-agent");
-    if !bin.exists() {
-        bail!("{} was not built; pass --agent-bin PATH", bin.display());
-    }
-    Ok(bin)
-}
 
 /// Seconds per clock tick of `/proc/<pid>/stat` times.
 fn clock_ticks_per_sec() -> f64 {

@@ -1,13 +1,11 @@
-//! The bench's side of the broker: a vhost of its own per bench run (created and deleted with `rabbitmqctl`,
-//! honouring `AMQP_URL` and `RABBITMQCTL`), and the service side of every measurement: provisioning with
-//! `service_setup::provision`, submitting with `service_setup::Submitter` (blast or open-loop paced), and a
+//! The service side of every measurement (the bench's vhost comes from `test_support::broker`): provisioning
+//! with `service_setup::provision`, submitting with `service_setup::Submitter` (blast or open-loop paced), and a
 //! results queue of its own bound to the `results` exchange with `<EP>.results`, whose receipts are timed
 //! against each task's submit time into an HdrHistogram. It must not consume the shared `results` queue (it
 //! only purges it between runs so the vhost does not fill up) and never talks to an agent directly.
 
 use anyhow::{Context, Result, anyhow, bail};
-use endpoint_agent::connection::BrokerUrl;
-use endpoint_agent::wire::{self, EndpointId};
+use endpoint_wire::{self as wire, BrokerUrl, EndpointId};
 use futures_lite::StreamExt;
 use hdrhistogram::Histogram;
 use lapin::options::{
@@ -16,119 +14,10 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use service_setup::{Submitter, TaskSpec};
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
-
-/// The broker the bench talks to, from `AMQP_URL` (default guest on 127.0.0.1:5672).
-#[derive(Clone, Debug)]
-pub struct BrokerAddr {
-    /// `user:password`
-    pub userinfo: String,
-    /// `host:port`
-    pub hostport: String,
-}
-
-impl BrokerAddr {
-    pub fn from_env() -> Result<BrokerAddr> {
-        let url = std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| endpoint_agent::connection::DEFAULT_BROKER_URL.to_owned());
-        let rest = url.split_once("://").map(|(_, r)| r).ok_or_else(|| {
-            anyhow!("AMQP_URL has no scheme: use amqp://user:pass@host:port/vhost")
-        })?;
-        let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (u.to_owned(), h.to_owned()),
-            None => ("guest:guest".to_owned(), authority.to_owned()),
-        };
-        let hostport = if hostport.contains(':') {
-            hostport
-        } else {
-            format!("{hostport}:5672")
-        };
-        Ok(BrokerAddr { userinfo, hostport })
-    }
-
-    pub fn user(&self) -> &str {
-        self.userinfo.split(':').next().unwrap_or("guest")
-    }
-}
-
-/// `rabbitmqctl`, or the command in `RABBITMQCTL` (e.g. `docker compose exec -T rabbitmq rabbitmqctl`).
-pub fn rabbitmqctl(args: &[&str]) -> Result<String> {
-    let line = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
-    let mut words = line.split_whitespace();
-    let program = words.next().unwrap_or("rabbitmqctl");
-    let out = Command::new(program)
-        .args(words)
-        .args(args)
-        .output()
-        .with_context(|| {
-            format!(
-                "while running {line} {args:?}: install RabbitMQ's rabbitmqctl or set RABBITMQCTL"
-            )
-        })?;
-    if !out.status.success() {
-        bail!(
-            "{line} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// This bench run's vhost `ea-bench-<pid>`; vhosts of earlier bench processes that are gone are deleted first.
-pub struct Vhost {
-    pub name: String,
-    pub addr: BrokerAddr,
-}
-
-impl Vhost {
-    pub fn create(addr: BrokerAddr) -> Result<Vhost> {
-        let listed = rabbitmqctl(&["list_vhosts", "--quiet", "--no-table-headers"])?;
-        for line in listed.lines() {
-            let name = line.trim();
-            if let Some(pid) = name.strip_prefix("ea-bench-")
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                rabbitmqctl(&["delete_vhost", name])?;
-            }
-        }
-        let name = format!("ea-bench-{}", std::process::id());
-        rabbitmqctl(&["add_vhost", &name])?;
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &name,
-            addr.user(),
-            ".*",
-            ".*",
-            ".*",
-        ])?;
-        Ok(Vhost { name, addr })
-    }
-
-    /// The AMQP URL of this vhost, through `hostport` (the broker itself, or a forwarder in front of it).
-    pub fn url_via(&self, hostport: &str) -> String {
-        format!("amqp://{}@{hostport}/{}", self.addr.userinfo, self.name)
-    }
-
-    pub fn url(&self) -> String {
-        self.url_via(&self.addr.hostport)
-    }
-
-    pub fn broker_url(&self) -> Result<BrokerUrl> {
-        BrokerUrl::new(self.url()).context("while building the bench vhost's url")
-    }
-
-    /// Deletes the vhost and everything in it.
-    pub fn delete(&self) -> Result<()> {
-        rabbitmqctl(&["delete_vhost", &self.name]).map(|_| ())
-    }
-}
 
 /// Task id of task `seq` of run `run`: the receiver finds the submit time from it.
 pub fn task_id(run: u64, seq: usize) -> String {
@@ -275,7 +164,7 @@ const HEARTBEAT_SECS: u16 = 30;
 
 impl Service {
     pub async fn connect(url: &BrokerUrl) -> Result<Service> {
-        let conn = endpoint_agent::connection::connect(url, "bench service")
+        let conn = endpoint_wire::amqp::connect(url, "bench service")
             .await
             .context("while connecting the bench's service side: is RabbitMQ running? (docker compose up -d)")?;
         // Provision once so the `results` exchange exists before the bench queue binds to it.
@@ -374,7 +263,7 @@ impl Service {
 
     /// Number of tasks waiting in `ep`'s tasks queue and its consumers.
     pub async fn tasks_queue(&self, ep: &EndpointId) -> Result<(u32, u32)> {
-        let q = endpoint_agent::connection::queue_info(&self.conn, &ep.tasks_queue())
+        let q = endpoint_wire::amqp::queue_info(&self.conn, &ep.tasks_queue())
             .await
             .context("while checking a tasks queue")?
             .ok_or_else(|| anyhow!("queue {} is gone: was the vhost deleted?", ep.tasks_queue()))?;

@@ -8,9 +8,9 @@
 //! arrive while earlier confirms are outstanding, bounded only by the prefetch. No disk queue, no executor.
 
 use anyhow::{Context, Result, bail};
-use endpoint_agent::connection::BrokerUrl;
-use endpoint_agent::store::TaskResult;
-use endpoint_agent::wire::{self, EndpointId, Status};
+use endpoint_agent::task::TaskResult;
+use endpoint_wire::BrokerUrl;
+use endpoint_wire::{self as wire, EndpointId, Status};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -34,10 +34,10 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and starts consuming; returns once the consumer is registered with the broker.
     pub async fn start(url: &BrokerUrl, ep: EndpointId, prefetch: u16) -> Result<RawClient> {
-        let sub = endpoint_agent::connection::connect(url, &format!("bench raw {ep} consumer"))
+        let sub = endpoint_wire::amqp::connect(url, &format!("bench raw {ep} consumer"))
             .await
             .context("while connecting the raw consumer")?;
-        let publ = endpoint_agent::connection::connect(url, &format!("bench raw {ep} publisher"))
+        let publ = endpoint_wire::amqp::connect(url, &format!("bench raw {ep} publisher"))
             .await
             .context("while connecting the raw publisher")?;
         let consume = sub

@@ -5,7 +5,7 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
-use tests::*;
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clear_rejections() {
@@ -33,7 +33,7 @@ async fn bad_input_gets_clear_rejections() {
             }
             async move { publish_task(&channel, &key, props, &body).await }
         };
-    let run = format!("{}", endpoint_agent::wire::now_ms());
+    let run = format!("{}", endpoint_wire::now_ms());
     let id = |name: &str| format!("{name}-{run}");
     let mut bad_timeout = FieldTable::default();
     bad_timeout.insert("x-timeout-ms".into(), AMQPValue::Boolean(true));
@@ -130,9 +130,9 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
     opts.config
         .push_str("[functions.cat]\ncommand = [\"cat\"]\nmax_output_bytes = 100\n");
     let agent = Agent::start(&opts);
-    let run = format!("{}", endpoint_agent::wire::now_ms());
+    let run = format!("{}", endpoint_wire::now_ms());
     let id = |name: &str| format!("{name}-{run}");
-    let url = endpoint_agent::connection::BrokerUrl::new(url()).expect("test url");
+    let url = endpoint_wire::BrokerUrl::new(url()).expect("test url");
     let key = ep.tasks_queue();
 
     // Bytes no lapin-based client can send: one connection each, since the broker may close it on a refusal.
@@ -149,7 +149,7 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
                 .await
                 .expect("raw connection");
             let sent = conn
-                .publish(endpoint_agent::wire::TASKS_EXCHANGE, &key, &props, b"raw")
+                .publish(endpoint_wire::TASKS_EXCHANGE, &key, &props, b"raw")
                 .await;
             conn.close().await;
             if let Err(e) = &sent {
@@ -297,7 +297,7 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
 async fn publish_task(channel: &lapin::Channel, key: &str, props: BasicProperties, body: &[u8]) {
     channel
         .basic_publish(
-            endpoint_agent::wire::TASKS_EXCHANGE.into(),
+            endpoint_wire::TASKS_EXCHANGE.into(),
             key.into(),
             BasicPublishOptions::default(),
             body,

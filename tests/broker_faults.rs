@@ -3,7 +3,7 @@
 //! publishing connection. Restart and alarm hit the whole broker, so those scenarios hold it exclusively.
 
 use std::time::{Duration, Instant};
-use tests::*;
+use test_support::*;
 
 fn mixed_tasks(n: usize, tag: &str) -> Vec<service_setup::TaskSpec> {
     (0..n)

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-use tests::proxy::{Mode, Proxy};
-use tests::*;
+use test_support::proxy::{Mode, Proxy};
+use test_support::*;
 
 struct Size {
     tasks: usize,
@@ -55,7 +55,7 @@ async fn chaos_loses_nothing() {
     let seed = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(endpoint_agent::wire::now_ms);
+        .unwrap_or_else(endpoint_wire::now_ms);
     eprintln!("chaos: seed {seed} (repeat with CHAOS_SEED={seed})");
     let mut rng = Rng::new(seed);
 

@@ -4,7 +4,7 @@
 //! with an error naming the file instead of replacing it.
 
 use std::time::{Duration, Instant};
-use tests::*;
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_stops_acking_and_recovers() {

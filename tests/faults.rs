@@ -4,8 +4,8 @@
 //! and executor children killed by a signal or forking and hanging past their timeout.
 
 use std::time::{Duration, Instant};
-use tests::proxy::Proxy;
-use tests::*;
+use test_support::proxy::Proxy;
+use test_support::*;
 
 fn sleepy_tasks(n: usize) -> Vec<service_setup::TaskSpec> {
     (0..n)
@@ -173,7 +173,7 @@ async fn blackholed_link_is_noticed_by_heartbeats() {
     service
         .await_results(&first, Duration::from_secs(30), &[&agent])
         .await;
-    proxy.set_mode(tests::proxy::Mode::Blackhole);
+    proxy.set_mode(test_support::proxy::Mode::Blackhole);
     let during = service
         .submit((0..20).map(|i| echo(&format!("during{i}"))).collect())
         .await;
@@ -196,7 +196,7 @@ async fn blackholed_link_is_noticed_by_heartbeats() {
         agent.log_text()
     );
     // The path returns, with no help from the proxy (no reset): the agent reconnects on its own.
-    proxy.set_mode(tests::proxy::Mode::Pass);
+    proxy.set_mode(test_support::proxy::Mode::Pass);
     service
         .await_results(&during, Duration::from_secs(60), &[&agent])
         .await;

@@ -2,7 +2,7 @@
 //! a clear refusal for an unprovisioned endpoint, and `endpoint-agent status`.
 
 use std::time::Duration;
-use tests::*;
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_running_tasks() {
@@ -166,7 +166,7 @@ async fn full_backlog_leaves_tasks_in_the_broker() {
         saw_paused |= status
             .last_heartbeat
             .as_ref()
-            .is_some_and(|h| h.state == endpoint_agent::wire::AgentState::Paused);
+            .is_some_and(|h| h.state == endpoint_wire::AgentState::Paused);
         service.poll(Duration::from_millis(100)).await;
         assert!(service.received.len() <= ids.len());
         if agent.log_text().contains("panicked") {

@@ -7,4 +7,5 @@ mod chaos;
 mod disk;
 mod faults;
 mod lifecycle;
+mod raw_reader;
 mod roundtrip;

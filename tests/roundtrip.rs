@@ -2,7 +2,7 @@
 
 use service_setup::TaskSpec;
 use std::time::Duration;
-use tests::*;
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_echo_tasks_round_trip() {

@@ -6,14 +6,15 @@
 
 use anyhow::{Context, Result, bail};
 use benches::agent::{self, AgentProc};
-use benches::broker::{BrokerAddr, RunState, Service, Vhost, task_id};
+use benches::broker::{RunState, Service, task_id};
 use benches::forward::{Forwarder, free_port};
 use benches::raw::{AGENT_DEFAULT_PREFETCH, RawClient};
 use benches::report::{self, Medians, Row, Sample};
 use clap::Parser;
-use endpoint_agent::connection::BrokerUrl;
-use endpoint_agent::store::{Intake, NewTask, Store};
-use endpoint_agent::wire::EndpointId;
+use endpoint_agent::store::Store;
+use endpoint_agent::task::{Intake, NewTask};
+use endpoint_wire::BrokerUrl;
+use endpoint_wire::EndpointId;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -21,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use test_support::broker::{BrokerAddr, Vhost};
+use test_support::build::{Profile, agent_binary};
 
 /// Round trip of tasks through endpoint-agent vs the raw broker ceiling.
 ///
@@ -606,7 +609,7 @@ fn machine() -> Value {
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:").map(|m| m.trim().to_owned()))
         .unwrap_or_else(|| "unknown".into());
-    let rabbit = benches::broker::rabbitmqctl(&["version"])
+    let rabbit = test_support::broker::rabbitmqctl(&["version"])
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into());
     json!({
@@ -627,10 +630,10 @@ async fn run(args: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => {
             eprintln!("building endpoint-agent (cargo build --release -p endpoint-agent)");
-            agent::build_release()?
+            agent_binary(Profile::Release)?
         }
     };
-    let vhost = Vhost::create(BrokerAddr::from_env()?)?;
+    let vhost = Vhost::create("ea-bench", BrokerAddr::from_env()?)?;
     let url = vhost.broker_url()?;
     let service = match Service::connect(&url).await {
         Ok(s) => s,

@@ -1,4 +1,4 @@
-//! Test support for the end-to-end scenarios in `main.rs`: a broker vhost per test run, unique endpoints,
+//! The scenario harness of the end-to-end tests (`tests/`): a broker vhost per test run, unique endpoints,
 //! the real `endpoint-agent` binary as a child process (SIGTERM, SIGKILL, restart on the same data dir), a
 //! service-side client that provisions, submits and collects results (and reconnects after a broker restart),
 //! and the fault harness: a TCP proxy that cuts or blackholes the agent's connections (`proxy`), a broker
@@ -6,8 +6,10 @@
 //! forced closes of the agent's connections, and a tiny tmpfs data dir with a ballast file for a full disk.
 //! Talks to a real RabbitMQ; never mocks it. Every fault is undone by a Drop guard, also when a test panics.
 
-pub mod proxy;
-
+use crate::broker::{self, BrokerAddr, Vhost, rabbitmqctl_command};
+use crate::build::{self, Profile};
+use endpoint_wire::{self as wire, EndpointId};
+use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -21,80 +23,23 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use endpoint_agent::wire::{self, EndpointId};
-use futures_lite::StreamExt;
-
-/// Host and port of the broker under test, from AMQP_URL (default 127.0.0.1:5672).
-fn broker_host() -> (String, String) {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let rest = url
-        .split("://")
-        .nth(1)
-        .unwrap_or("127.0.0.1:5672/")
-        .to_owned();
-    let rest = rest.rsplit('@').next().unwrap_or(&rest).to_owned();
-    let hostport = rest
-        .split('/')
-        .next()
-        .unwrap_or("127.0.0.1:5672")
-        .to_owned();
-    let userinfo = url
-        .split("://")
-        .nth(1)
-        .and_then(|r| r.split_once('@').map(|(u, _)| u.to_owned()))
-        .unwrap_or_else(|| "guest:guest".into());
-    (hostport, userinfo)
+/// This run's broker vhost (`ea-test-<pid>`), created at first use.
+fn vhost() -> &'static Vhost {
+    static VHOST: OnceLock<Vhost> = OnceLock::new();
+    VHOST.get_or_init(|| {
+        let addr = BrokerAddr::from_env().unwrap_or_else(|e| panic!("{e:#}"));
+        Vhost::create("ea-test", addr).unwrap_or_else(|e| panic!("{e:#}"))
+    })
 }
 
 /// The broker address (host:port) the proxy forwards to.
 pub fn broker_addr() -> String {
-    broker_host().0
+    vhost().addr.hostport.clone()
 }
 
 fn rabbitmqctl(args: &[&str]) -> String {
-    let out = rabbitmqctl_command()
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run rabbitmqctl {args:?}: {e}; the tests need RabbitMQ's rabbitmqctl on PATH"));
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A vhost of its own for this test process, so the shared `results` queue holds only this run's results
-/// and is gone with the vhost. Vhosts of earlier runs whose process has exited are deleted first.
-fn vhost() -> &'static str {
-    static VHOST: OnceLock<String> = OnceLock::new();
-    VHOST.get_or_init(|| {
-        let addr = broker_addr();
-        if std::net::TcpStream::connect_timeout(
-            &addr.parse().unwrap_or_else(|_| "127.0.0.1:5672".parse().expect("literal address")),
-            Duration::from_secs(3),
-        )
-        .is_err()
-        {
-            panic!(
-                "RabbitMQ is not reachable at {addr}: start it with `rabbitmq-server -detached` (or `docker compose up -d`), or set AMQP_URL"
-            );
-        }
-        for line in rabbitmqctl(&["list_vhosts", "--quiet", "--no-table-headers"]).lines() {
-            let name = line.trim();
-            if let Some(pid) = name.strip_prefix("ea-test-")
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                rabbitmqctl(&["delete_vhost", name]);
-            }
-        }
-        let name = format!("ea-test-{}", std::process::id());
-        rabbitmqctl(&["add_vhost", &name]);
-        let user = broker_host().1.split(':').next().unwrap_or("guest").to_owned();
-        rabbitmqctl(&["set_permissions", "-p", &name, &user, ".*", ".*", ".*"]);
-        name
-    })
+    broker::rabbitmqctl(args)
+        .unwrap_or_else(|e| panic!("{e:#}; the tests need RabbitMQ's rabbitmqctl"))
 }
 
 /// A broker user of this run with a generated password, for checking that passwords stay out of logs.
@@ -102,15 +47,8 @@ fn vhost() -> &'static str {
 pub fn secret_user() -> &'static (String, String) {
     static USER: OnceLock<(String, String)> = OnceLock::new();
     USER.get_or_init(|| {
-        let vhost = vhost();
-        for line in rabbitmqctl(&["list_users", "--quiet", "--no-table-headers"]).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            if let Some(pid) = name.strip_prefix("ea-test-")
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                rabbitmqctl(&["delete_user", name]);
-            }
-        }
+        let vhost = &vhost().name;
+        broker::delete_leftover_users("ea-test").unwrap_or_else(|e| panic!("{e:#}"));
         let user = format!("ea-test-{}", std::process::id());
         let password = format!(
             "pw{:x}{:x}",
@@ -125,12 +63,11 @@ pub fn secret_user() -> &'static (String, String) {
 
 /// AMQP URL of this run's vhost, optionally through another host:port (a proxy).
 pub fn url_via(hostport: &str) -> String {
-    let (_, userinfo) = broker_host();
-    format!("amqp://{userinfo}@{hostport}/{}", vhost())
+    vhost().url_via(hostport)
 }
 
 pub fn url() -> String {
-    url_via(&broker_addr())
+    vhost().url()
 }
 
 /// A fresh endpoint id for one test.
@@ -165,32 +102,12 @@ impl Drop for TempDir {
     }
 }
 
-/// Path of the `endpoint-agent` binary, built once per run by cargo (a no-op when it is fresh).
+/// Path of the `endpoint-agent` binary in the profile of this test run, built once per run by cargo (a no-op
+/// when it is fresh).
 pub fn agent_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "endpoint-agent",
-                "--bin",
-                "endpoint-agent",
-                "--manifest-path",
-            ])
-            .arg(&manifest)
-            .status()
-            .expect("cannot run cargo to build endpoint-agent");
-        assert!(status.success(), "building endpoint-agent failed");
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/scenarios-<hash> -> target/<profile>/endpoint-agent
-        let dir = exe.parent().and_then(Path::parent).expect("target dir");
-        let bin = dir.join("endpoint-agent");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
+        build::agent_binary(Profile::of_current_exe()).unwrap_or_else(|e| panic!("{e:#}"))
     })
     .clone()
 }
@@ -362,8 +279,8 @@ pub struct Service {
 async fn open_service(
     endpoint: &EndpointId,
 ) -> Result<(Connection, Submitter, Channel, lapin::Consumer), String> {
-    let url = endpoint_agent::connection::BrokerUrl::new(url()).map_err(|e| e.to_string())?;
-    let conn = endpoint_agent::connection::connect(&url, "test service")
+    let url = endpoint_wire::BrokerUrl::new(url()).map_err(|e| e.to_string())?;
+    let conn = endpoint_wire::amqp::connect(&url, "test service")
         .await
         .map_err(|e| e.to_string())?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
@@ -425,8 +342,8 @@ impl Service {
         heartbeat_secs: u16,
         broker: BrokerLock,
     ) -> Service {
-        let conn = endpoint_agent::connection::connect(
-            &endpoint_agent::connection::BrokerUrl::new(url()).expect("test url"),
+        let conn = endpoint_wire::amqp::connect(
+            &endpoint_wire::BrokerUrl::new(url()).expect("test url"),
             "test service provisioning",
         )
         .await
@@ -672,10 +589,10 @@ impl Drop for BrokerStopped {
 
 /// Waits until the broker accepts an AMQP connection on this run's vhost (up to two minutes).
 async fn wait_for_amqp() {
-    let url = endpoint_agent::connection::BrokerUrl::new(url()).expect("test url");
+    let url = endpoint_wire::BrokerUrl::new(url()).expect("test url");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        match endpoint_agent::connection::connect(&url, "test broker probe").await {
+        match endpoint_wire::amqp::connect(&url, "test broker probe").await {
             Ok(conn) => {
                 let _ = conn.close(200, "".into()).await;
                 return;
@@ -948,14 +865,4 @@ pub fn local_status(data_dir: &Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status prints JSON")
-}
-
-/// `rabbitmqctl`, or the command in RABBITMQCTL (e.g. `docker compose exec -T rabbitmq rabbitmqctl` when the
-/// broker runs in the repository's docker-compose.yml).
-fn rabbitmqctl_command() -> Command {
-    let line = std::env::var("RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
-    let mut words = line.split_whitespace();
-    let mut cmd = Command::new(words.next().unwrap_or("rabbitmqctl"));
-    cmd.args(words);
-    cmd
 }
