@@ -7,6 +7,7 @@ use crate::limits::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_PREFETCH, DEFAULT_RECONNECT_MAX,
     DEFAULT_RECONNECT_MIN, DEFAULT_RETENTION_SECS, MAX_WORKERS,
 };
+use crate::sys::{self, Limit, User};
 use endpoint_wire::{BrokerUrl, EndpointId};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -38,6 +39,8 @@ pub struct Config {
     pub result_retention: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Timeout of the built-in functions (`sleep`); a task's `x-timeout-ms` can only shorten it.
+    pub builtin_timeout: Duration,
     pub functions: BTreeMap<String, Function>,
 }
 
@@ -47,7 +50,7 @@ pub enum Function {
     Echo,
     /// Sleeps for the payload's number of milliseconds, returns nothing.
     Sleep,
-    Command(CommandSpec),
+    Command(Box<CommandSpec>),
 }
 
 /// A function that runs a program (no shell): payload on stdin, stdout is the result.
@@ -57,8 +60,16 @@ pub struct CommandSpec {
     pub args: Vec<String>,
     pub timeout: Duration,
     pub max_output_bytes: usize,
+    /// Variables the command gets on top of its cleared environment: the agent's values of the names in
+    /// `pass_env` (those set when the agent started), then the function's `env`, which wins.
     pub env: BTreeMap<String, String>,
+    /// Where it runs; `None`: a fresh directory under the data directory, removed after the task.
     pub working_dir: Option<PathBuf>,
+    /// The user it runs as (the agent must be root); `None`: the agent's user.
+    pub run_as: Option<User>,
+    pub limits: Vec<Limit>,
+    /// `PR_SET_NO_NEW_PRIVS` (on unless the config turns it off).
+    pub no_new_privileges: bool,
 }
 
 /// Values given on the command line (or their env vars); each wins over the file.
@@ -85,6 +96,7 @@ struct FileConfig {
     result_retention_secs: Option<u64>,
     reconnect_min_ms: Option<u64>,
     reconnect_max_ms: Option<u64>,
+    builtin_timeout_secs: Option<u64>,
     #[serde(default)]
     functions: BTreeMap<String, FileFunction>,
 }
@@ -99,6 +111,15 @@ struct FileFunction {
     #[serde(default)]
     env: BTreeMap<String, String>,
     working_dir: Option<PathBuf>,
+    /// Names of the agent's environment variables the command gets (it gets no others).
+    #[serde(default)]
+    pass_env: Vec<String>,
+    run_as_user: Option<String>,
+    max_memory_bytes: Option<u64>,
+    max_open_files: Option<u64>,
+    max_processes: Option<u64>,
+    max_cpu_secs: Option<u64>,
+    no_new_privileges: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +176,10 @@ impl Config {
             ),
             reconnect_min,
             reconnect_max,
+            builtin_timeout: Duration::from_secs(
+                f.builtin_timeout_secs
+                    .unwrap_or(DEFAULT_FUNCTION_TIMEOUT_SECS),
+            ),
             functions: functions(f.functions)?,
         };
         config.validate()?;
@@ -180,6 +205,9 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes is 0: use at least 1".into());
+        }
+        if self.builtin_timeout.is_zero() {
+            return bad("builtin_timeout_secs is 0: use at least 1".into());
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return bad(format!(
@@ -220,15 +248,58 @@ fn functions(
                 "function {name:?} has timeout_secs = 0: use at least 1"
             )));
         }
+        let mut env: BTreeMap<String, String> = f
+            .pass_env
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+            .collect();
+        env.extend(f.env);
+        let run_as = match &f.run_as_user {
+            None => None,
+            Some(user) => {
+                let found = sys::lookup_user(user).map_err(|e| {
+                    ConfigError::Invalid(format!("function {name:?}: run_as_user: {e}"))
+                })?;
+                let me = sys::euid();
+                if me != 0 {
+                    return Err(ConfigError::Invalid(format!(
+                        "function {name:?} has run_as_user = {user:?}, which needs the agent to run as root (it runs as uid {me}): start it as root, or remove run_as_user"
+                    )));
+                }
+                Some(found)
+            }
+        };
+        let mut limits = Vec::new();
+        let positive = |key: &str, v: Option<u64>| match v {
+            Some(0) => Err(ConfigError::Invalid(format!(
+                "function {name:?} has {key} = 0: use at least 1, or leave it out for no limit"
+            ))),
+            v => Ok(v),
+        };
+        if let Some(n) = positive("max_memory_bytes", f.max_memory_bytes)? {
+            limits.push(Limit::MemoryBytes(n));
+        }
+        if let Some(n) = positive("max_open_files", f.max_open_files)? {
+            limits.push(Limit::OpenFiles(n));
+        }
+        if let Some(n) = positive("max_processes", f.max_processes)? {
+            limits.push(Limit::Processes(n));
+        }
+        if let Some(n) = positive("max_cpu_secs", f.max_cpu_secs)? {
+            limits.push(Limit::CpuSecs(n));
+        }
         let spec = CommandSpec {
             program,
             args: words.collect(),
             timeout,
             max_output_bytes: f.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT_BYTES),
-            env: f.env,
+            env,
             working_dir: f.working_dir,
+            run_as,
+            limits,
+            no_new_privileges: f.no_new_privileges.unwrap_or(true),
         };
-        out.insert(name, Function::Command(spec));
+        out.insert(name, Function::Command(Box::new(spec)));
     }
     Ok(out)
 }
@@ -302,6 +373,48 @@ mod tests {
             "reconnect_min_ms = 5000\nreconnect_max_ms = 10",
             Err("reconnect_min_ms"),
         );
+    }
+
+    #[test]
+    fn isolation_settings() {
+        let c = check(
+            "[functions.x]\ncommand = [\"env\"]\npass_env = [\"PATH\", \"EA_NOT_SET\"]\nenv = { PATH = \"/mine\", A = \"1\" }\nmax_memory_bytes = 1024\nmax_cpu_secs = 2\nno_new_privileges = false\n",
+            Ok(()),
+        )
+        .unwrap();
+        let Some(Function::Command(x)) = c.function("x") else {
+            panic!("x missing")
+        };
+        // The function's own env wins over a passed variable; an unset one is not passed.
+        assert_eq!(x.env.get("PATH").map(String::as_str), Some("/mine"));
+        assert!(!x.env.contains_key("EA_NOT_SET"));
+        assert_eq!(x.limits, vec![Limit::MemoryBytes(1024), Limit::CpuSecs(2)]);
+        assert!(!x.no_new_privileges);
+        let c = check("[functions.y]\ncommand = [\"id\"]\n", Ok(())).unwrap();
+        let Some(Function::Command(y)) = c.function("y") else {
+            panic!("y missing")
+        };
+        assert!(y.no_new_privileges && y.limits.is_empty() && y.run_as.is_none());
+        check(
+            "[functions.x]\ncommand = [\"id\"]\nmax_open_files = 0",
+            Err("max_open_files = 0"),
+        );
+        check(
+            "[functions.x]\ncommand = [\"id\"]\nrun_as_user = \"no-such-user-ea\"",
+            Err("no user \"no-such-user-ea\""),
+        );
+        if sys::euid() == 0 {
+            check(
+                "[functions.x]\ncommand = [\"id\"]\nrun_as_user = \"nobody\"",
+                Ok(()),
+            );
+        } else {
+            check(
+                "[functions.x]\ncommand = [\"id\"]\nrun_as_user = \"nobody\"",
+                Err("needs the agent to run as root"),
+            );
+        }
+        check("builtin_timeout_secs = 0", Err("builtin_timeout_secs is 0"));
     }
 
     #[test]

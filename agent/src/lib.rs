@@ -7,26 +7,27 @@
 //! connections, close the database. See docs/ARCHITECTURE.md.
 //!
 //! Imports run one way, top to bottom (checked by the `tidy` test): this file -> `session` -> `intake`,
-//! `executor`, `raw`, `store`, `lock` -> `task`, `claim`, `config`, `limits`, `meta`, `retry` -> the contract
-//! crate (`endpoint_wire`). `status` reads what an agent leaves behind, for `endpoint-agent status`.
+//! `executor`, `raw`, `store`, `data_dir` -> `task`, `claim`, `config`, `limits`, `meta`, `retry`, `sys` -> the
+//! contract crate (`endpoint_wire`). `status` reads what an agent leaves behind, for `endpoint-agent status`.
 //!
 //! The API (what the binary, the scenario tests and the bench use): [`run`], [`AgentError`], `config`,
-//! `status`, `lock`, `store` (its file name, status reads and the handle the bench preloads backlogs with),
+//! `status`, `data_dir`, `store` (its file name, status reads and the handle the bench preloads backlogs with),
 //! `task`, `raw` (tests publish malformed messages with it) and [`result_properties`]. Everything else is
 //! private to the crate.
 
 mod claim;
 pub mod config;
+pub mod data_dir;
 mod executor;
 mod intake;
 mod limits;
-pub mod lock;
 mod meta;
 pub mod raw;
 mod retry;
 mod session;
 pub mod status;
 pub mod store;
+mod sys;
 pub mod task;
 
 #[cfg(test)]
@@ -37,10 +38,10 @@ mod tidy;
 pub use session::result_properties;
 
 use config::Config;
+use data_dir::{LockError, lock_data_dir};
 use endpoint_wire::AgentState;
 use endpoint_wire::registration::RegistrationError;
 use limits::{MIN_DRAIN, PRUNE_EVERY};
-use lock::{LockError, lock_data_dir};
 use meta::MetaKey;
 use std::future::Future;
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub enum AgentError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Registration(#[from] RegistrationError),
+    #[error("cannot prepare the tasks' working directories in {0}: {1}")]
+    WorkDir(std::path::PathBuf, std::io::Error),
 }
 
 impl AgentError {
@@ -105,12 +108,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let kill = CancellationToken::new();
     let drain = CancellationToken::new();
 
+    let sandbox = match executor::Sandbox::prepare(&config.data_dir) {
+        Ok(s) => Arc::new(s),
+        Err(e) => return Err(AgentError::WorkDir(config.data_dir.join("work"), e)),
+    };
     let executors = TaskTracker::new();
     for _ in 0..config.workers {
         executors.spawn(executor::worker(
             config.clone(),
             store.clone(),
             run_times.clone(),
+            sandbox.clone(),
             stop_intake.clone(),
             kill.clone(),
         ));

@@ -2,7 +2,7 @@
 //! whether an agent is using it, and the broker link state that agent last recorded. Reads only; safe while
 //! an agent runs.
 
-use crate::lock::lock_holder;
+use crate::data_dir::lock_holder;
 use crate::meta::MetaKey;
 use crate::store::{self, StoreError};
 use crate::task::Counts;

@@ -121,6 +121,8 @@ pub struct AgentOptions {
     pub workers: usize,
     /// TOML config file contents (functions, limits).
     pub config: String,
+    /// Extra environment variables of the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOptions {
@@ -132,6 +134,7 @@ impl AgentOptions {
             workers: 4,
             config: "reconnect_min_ms = 100\nreconnect_max_ms = 1000\ngrace_period_secs = 10\n"
                 .into(),
+            env: Vec::new(),
         }
     }
 }
@@ -164,6 +167,7 @@ impl Agent {
             .arg("--config")
             .arg(&config)
             .env("AMQP_URL", &o.broker_url)
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "endpoint_agent=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -10,11 +10,8 @@ pub(super) fn echo(payload: &[u8]) -> Outcome {
     finished(Status::Ok, None, payload.to_vec())
 }
 
-pub(super) async fn sleep(
-    payload: &[u8],
-    timeout: Option<Duration>,
-    kill: &CancellationToken,
-) -> Outcome {
+/// Sleeps the payload's milliseconds, at most `timeout` (the built-ins' timeout, or the task's if shorter).
+pub(super) async fn sleep(payload: &[u8], timeout: Duration, kill: &CancellationToken) -> Outcome {
     let text = String::from_utf8_lossy(payload);
     let text = text.trim();
     if text.is_empty() {
@@ -32,7 +29,7 @@ pub(super) async fn sleep(
         );
     };
     let want = Duration::from_millis(ms);
-    let limit = timeout.unwrap_or(Duration::MAX).min(want);
+    let limit = timeout.min(want);
     tokio::select! {
         _ = kill.cancelled() => Outcome::Interrupted,
         _ = tokio::time::sleep(limit) => if limit < want {

@@ -1,12 +1,14 @@
-//! Runs tasks: the built-in functions (`builtins`) and configured commands (`process`), and the executor slots
-//! that feed them from the store (`slot`); also which tasks are instant enough to run on arrival, without a
+//! Runs tasks: the built-in functions (`builtins`) and configured commands (`process`, isolated in the places
+//! `sandbox` prepares), and the executor slots that feed them from the store (`slot`); also which tasks are instant enough to run on arrival, without a
 //! slot ([`run_on_arrival`]). Knows nothing of AMQP: it never imports broker code, so it keeps working while the
 //! broker is away and is tested without one.
 
 mod builtins;
 mod process;
+mod sandbox;
 mod slot;
 
+pub(crate) use sandbox::Sandbox;
 pub(crate) use slot::worker;
 
 use crate::config::{Config, Function};
@@ -40,7 +42,12 @@ pub(crate) fn finished(
 }
 
 /// Runs `task` with the function the config names; `kill` aborts it (shutdown after the grace period).
-pub async fn execute(config: &Config, task: &ClaimedTask, kill: &CancellationToken) -> Outcome {
+pub(crate) async fn execute(
+    config: &Config,
+    sandbox: &Sandbox,
+    task: &ClaimedTask,
+    kill: &CancellationToken,
+) -> Outcome {
     let Some(function) = config.function(&task.function) else {
         // Checked on intake; reachable only if the config changed between runs of the agent.
         return finished(
@@ -55,10 +62,14 @@ pub async fn execute(config: &Config, task: &ClaimedTask, kill: &CancellationTok
     let task_timeout = task.timeout_ms.map(Duration::from_millis);
     match function {
         Function::Echo => builtins::echo(&task.payload),
-        Function::Sleep => builtins::sleep(&task.payload, task_timeout, kill).await,
+        Function::Sleep => {
+            let timeout =
+                task_timeout.map_or(config.builtin_timeout, |t| t.min(config.builtin_timeout));
+            builtins::sleep(&task.payload, timeout, kill).await
+        }
         Function::Command(spec) => {
             let timeout = task_timeout.map_or(spec.timeout, |t| t.min(spec.timeout));
-            process::run_command(spec, task, timeout, kill).await
+            process::run_command(spec, sandbox, task, timeout, kill).await
         }
     }
 }
@@ -91,7 +102,21 @@ pub fn run_on_arrival(config: &Config, task: NewTask) -> Intake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::config;
+    use crate::testing::{TestDir, config};
+
+    /// A sandbox in a scratch data directory, both removed when dropped.
+    struct Place {
+        sandbox: Sandbox,
+        _dir: TestDir,
+    }
+
+    fn place() -> Place {
+        let dir = TestDir::new("exec");
+        Place {
+            sandbox: Sandbox::prepare(&dir).unwrap(),
+            _dir: dir,
+        }
+    }
 
     fn task(function: &str, payload: &str, timeout_ms: Option<u64>) -> ClaimedTask {
         ClaimedTask {
@@ -104,7 +129,7 @@ mod tests {
     }
 
     async fn check(c: &Config, t: ClaimedTask, status: Status, body_has: &str) -> Outcome {
-        let out = execute(c, &t, &CancellationToken::new()).await;
+        let out = execute(c, &place().sandbox, &t, &CancellationToken::new()).await;
         match &out {
             Outcome::Finished {
                 status: s, body, ..
@@ -222,11 +247,11 @@ command = ["true"]
         let kill = CancellationToken::new();
         kill.cancel();
         assert_eq!(
-            execute(&c, &task("hang", "", None), &kill).await,
+            execute(&c, &place().sandbox, &task("hang", "", None), &kill).await,
             Outcome::Interrupted
         );
         assert_eq!(
-            execute(&c, &task("sleep", "5000", None), &kill).await,
+            execute(&c, &place().sandbox, &task("sleep", "5000", None), &kill).await,
             Outcome::Interrupted
         );
     }

@@ -1,11 +1,15 @@
 //! Configured commands as child processes: no shell, payload on stdin, stdout is the result (up to a cap),
-//! the tail of stderr kept for errors, each in its own process group that a timeout or a stop kills whole, and
-//! `PR_SET_PDEATHSIG` so a SIGKILLed agent leaves no orphan. The only module with `unsafe` (the pre-exec hook
-//! and `killpg`).
+//! the tail of stderr kept for errors. Each runs isolated: a cleared environment (nothing of the agent's but
+//! what the function names), a fresh working directory, optionally another user and resource limits, no new
+//! privileges, its own process group and (where cgroup v2 is writable) its own cgroup, which a timeout or a
+//! stop kills whole; `PR_SET_PDEATHSIG` so a SIGKILLed agent leaves no orphan. The fork-to-exec steps are
+//! `crate::sys`'s.
 
+use super::sandbox::{Sandbox, TaskCgroup, TaskDir};
 use super::{Outcome, finished};
 use crate::config::CommandSpec;
 use crate::limits::{STDERR_DRAIN, STDERR_TAIL_BYTES};
+use crate::sys::{self, ChildSetup};
 use crate::task::ClaimedTask;
 use endpoint_wire::Status;
 use std::process::Stdio;
@@ -13,43 +17,144 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-pub(super) async fn run_command(
+/// The `PATH` of every command: the system's programs, nothing of the agent's.
+pub const TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Everything a command's run may leave behind, killed and removed together.
+struct Running {
+    pgid: Option<u32>,
+    cgroup: Option<TaskCgroup>,
+    _dir: Option<TaskDir>,
+}
+
+impl Running {
+    /// SIGKILLs the process group and, where there is one, the cgroup (children that left the group too).
+    fn kill(&self) {
+        sys::kill_group(self.pgid);
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+    }
+
+    /// Kills what is left and removes the cgroup and the working directory.
+    async fn finish(self) {
+        sys::kill_group(self.pgid);
+        if let Some(cg) = self.cgroup {
+            cg.finish().await;
+        }
+    }
+}
+
+/// The command `spec` for `task`, with its environment, working directory and child setup.
+fn command(
     spec: &CommandSpec,
     task: &ClaimedTask,
-    timeout: Duration,
-    kill: &CancellationToken,
-) -> Outcome {
+    dir: &std::path::Path,
+    cgroup: Option<&TaskCgroup>,
+) -> std::io::Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
-        .envs(&spec.env)
+        .env_clear()
+        .env("PATH", TASK_PATH)
         .env("ENDPOINT_AGENT_TASK_ID", &task.task_id)
         .env("ENDPOINT_AGENT_ATTEMPT", task.attempts.to_string())
+        .env("ENDPOINT_AGENT_FUNCTION", &task.function);
+    let home = match &spec.run_as {
+        Some(user) => Some(user.home.clone().into_os_string()),
+        None => std::env::var_os("HOME"),
+    };
+    if let Some(home) = home {
+        cmd.env("HOME", home);
+    }
+    if let Some(lang) = std::env::var_os("LANG") {
+        cmd.env("LANG", lang);
+    }
+    cmd.envs(&spec.env)
+        .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         // Its own process group, so a timeout kills everything it started.
         .process_group(0);
-    if let Some(dir) = &spec.working_dir {
-        cmd.current_dir(dir);
+    ChildSetup {
+        cgroup_procs: cgroup.map(TaskCgroup::procs),
+        limits: spec.limits.clone(),
+        run_as: spec.run_as.as_ref().map(|u| (u.uid, u.gid)),
+        no_new_privileges: spec.no_new_privileges,
     }
-    die_with_parent(&mut cmd);
+    .install(&mut cmd)?;
+    Ok(cmd)
+}
+
+pub(super) async fn run_command(
+    spec: &CommandSpec,
+    sandbox: &Sandbox,
+    task: &ClaimedTask,
+    timeout: Duration,
+    kill: &CancellationToken,
+) -> Outcome {
+    let cannot_start = |e: std::io::Error| {
+        finished(
+            Status::Failed,
+            None,
+            format!("cannot start {:?}: {e}", spec.program),
+        )
+    };
+    let fresh = match &spec.working_dir {
+        Some(_) => None,
+        None => match sandbox.task_dir(spec.run_as.as_ref()) {
+            Ok(d) => Some(d),
+            Err(e) => return cannot_start(e),
+        },
+    };
+    let dir = match (&spec.working_dir, &fresh) {
+        (Some(d), _) => d.clone(),
+        (None, Some(d)) => d.path().to_owned(),
+        (None, None) => unreachable!("a fresh directory was made when none is configured"),
+    };
+    let cgroup = match sandbox.task_cgroup() {
+        Ok(c) => c,
+        Err(e) => return cannot_start(e),
+    };
+    let mut cmd = match command(spec, task, &dir, cgroup.as_ref()) {
+        Ok(c) => c,
+        Err(e) => return cannot_start(e),
+    };
     let started = Instant::now();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            return finished(
-                Status::Failed,
-                None,
-                format!("cannot start {:?}: {e}", spec.program),
-            );
+            if let Some(cg) = cgroup {
+                cg.finish().await;
+            }
+            return cannot_start(e);
         }
     };
-    let pgid = child.id();
+    let running = Running {
+        pgid: child.id(),
+        cgroup,
+        _dir: fresh,
+    };
+    let outcome = supervise(&mut child, &running, spec, task, timeout, kill, started).await;
+    running.finish().await;
+    outcome
+}
+
+/// Feeds the payload, collects the output and waits for the exit, within the timeout.
+async fn supervise(
+    child: &mut tokio::process::Child,
+    running: &Running,
+    spec: &CommandSpec,
+    task: &ClaimedTask,
+    timeout: Duration,
+    kill: &CancellationToken,
+    started: Instant,
+) -> Outcome {
     let (Some(mut stdin), Some(mut stdout), Some(mut stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
-        kill_group(pgid);
+        running.kill();
         return finished(Status::Failed, None, "cannot open the command's pipes");
     };
     let payload = task.payload.clone();
@@ -85,8 +190,8 @@ pub(super) async fn run_command(
         let r = limited.read_to_end(&mut out).await;
         (out, r)
     };
-    let abort_all = |pgid| {
-        kill_group(pgid);
+    let abort_all = || {
+        running.kill();
         stderr_tail.abort();
         feeder.abort();
     };
@@ -98,7 +203,7 @@ pub(super) async fn run_command(
     let (out, read) = match outcome {
         Ok(r) => r,
         Err(reason) => {
-            abort_all(pgid);
+            abort_all();
             let _ = child.wait().await;
             return match reason {
                 None => Outcome::Interrupted,
@@ -114,7 +219,7 @@ pub(super) async fn run_command(
         }
     };
     if out.len() > cap {
-        abort_all(pgid);
+        abort_all();
         let _ = child.wait().await;
         return finished(
             Status::Failed,
@@ -127,16 +232,16 @@ pub(super) async fn run_command(
     // stdout is closed; wait for the exit (and stderr) within what is left of the timeout.
     let rest = async {
         let status = child.wait().await;
-        // The task is over when its process exits: whatever it left running in its group goes too.
-        kill_group(pgid);
+        // The task is over when its process exits: whatever it left running goes too.
+        running.kill();
         let tail = tokio::time::timeout(STDERR_DRAIN, stderr_tail).await;
         (status, tail.ok().and_then(Result::ok).unwrap_or_default())
     };
     let (status, err) = tokio::select! {
         r = rest => r,
-        _ = kill.cancelled() => { kill_group(pgid); return Outcome::Interrupted }
+        _ = kill.cancelled() => { running.kill(); return Outcome::Interrupted }
         _ = tokio::time::sleep(timeout.saturating_sub(started.elapsed())) => {
-            kill_group(pgid);
+            running.kill();
             return finished(
                 Status::Timeout,
                 None,
@@ -175,33 +280,6 @@ pub(super) async fn run_command(
                     ),
                 ),
             }
-        }
-    }
-}
-
-/// Asks the kernel to SIGKILL the child if the agent dies, so a SIGKILLed agent leaves no orphan behind
-/// (its grandchildren are reached through the process group on timeout, not on agent death).
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it runs in the forked child
-    // before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[allow(unsafe_code)]
-fn kill_group(pgid: Option<u32>) {
-    if let Some(pgid) = pgid.and_then(|p| libc::pid_t::try_from(p).ok()) {
-        // SAFETY: killpg takes plain integers; the group is the one the child leads (process_group(0)).
-        // ESRCH (already gone) is expected and ignored.
-        unsafe {
-            libc::killpg(pgid, libc::SIGKILL);
         }
     }
 }

@@ -2,7 +2,7 @@
 //! next tasks in the same commit, until the agent stops it. How many tasks one claim takes is the claim
 //! policy's decision (`crate::claim`), fed with the run times the slots observe.
 
-use super::{Outcome, execute};
+use super::{Outcome, Sandbox, execute};
 use crate::claim::{RunTimes, Want};
 use crate::config::Config;
 use crate::limits::{FLUSH_AFTER, STORE_RETRY_MAX, STORE_RETRY_MIN};
@@ -26,6 +26,7 @@ pub(crate) async fn worker(
     config: Arc<Config>,
     store: Store,
     run_times: Arc<RunTimes>,
+    sandbox: Arc<Sandbox>,
     stop: CancellationToken,
     kill: CancellationToken,
 ) {
@@ -85,7 +86,7 @@ pub(crate) async fn worker(
         };
         let started = Instant::now();
         tracing::debug!(task_id = %task.task_id, function = %task.function, attempt = task.attempts, "running");
-        match execute(&config, &task, &kill).await {
+        match execute(&config, &sandbox, &task, &kill).await {
             Outcome::Interrupted => {
                 // Store what finished before, then hand back the interrupted task and those never started.
                 if !unsaved.is_empty()
@@ -157,6 +158,7 @@ mod tests {
         store.ingest(tasks(0, 300, "echo", "x")).await.unwrap();
         let config = Arc::new(config(""));
         let run_times = Arc::new(RunTimes::default());
+        let sandbox = Arc::new(Sandbox::prepare(&dir).unwrap());
         let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
         let slots: Vec<_> = (0..2)
             .map(|_| {
@@ -164,6 +166,7 @@ mod tests {
                     config.clone(),
                     store.clone(),
                     run_times.clone(),
+                    sandbox.clone(),
                     stop.clone(),
                     kill.clone(),
                 ))

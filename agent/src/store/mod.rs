@@ -111,6 +111,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::CreateDir(dir.to_owned(), e))?;
         let path = dir.join(DB_FILE);
         schema::check_integrity(&path)?;
+        schema::create_private(&path).map_err(|e| StoreError::CreateDir(dir.to_owned(), e))?;
         let mut conn = schema::open_db(&path).map_err(|e| StoreError::opening(&path, e))?;
         let recovery = schema::recover(&mut conn, max_attempts).map_err(|e| match e {
             StoreError::Sqlite(e) => StoreError::opening(&path, e),

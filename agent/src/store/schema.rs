@@ -145,6 +145,22 @@ pub(super) fn read_counts(conn: &Connection) -> rusqlite::Result<Counts> {
     Ok(counts)
 }
 
+/// Creates the database file readable by its owner only (0600, whatever the umask) if it does not exist yet:
+/// SQLite gives the WAL and shared-memory files the database file's permissions.
+pub(super) fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// `PRAGMA wal_checkpoint(TRUNCATE)` on a connection of its own: the WAL folded into the database file.
 pub(super) fn checkpoint(path: &Path) -> Result<(), StoreError> {
     let conn = Connection::open(path)?;
