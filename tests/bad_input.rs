@@ -145,7 +145,7 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
             delivery_mode: Some(2),
         };
         async move {
-            let mut conn = RawConnection::open(&url, "test raw publisher")
+            let mut conn = RawConnection::open(&url, "test raw publisher", 0)
                 .await
                 .expect("raw connection");
             let sent = conn

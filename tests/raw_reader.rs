@@ -29,7 +29,7 @@ async fn publishes_and_gets_bytes_lapin_cannot_parse() {
         )
         .await
         .expect("declare");
-    let mut raw = RawConnection::open(&url, "raw test")
+    let mut raw = RawConnection::open(&url, "raw test", 0)
         .await
         .expect("raw connect");
     let props = RawProperties {

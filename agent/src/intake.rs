@@ -1,6 +1,6 @@
 //! What a delivery becomes: a task to queue, a `rejected` result (bad input with a task id), or nothing (no
-//! task id to answer to: logged and acked). Pure decisions on the fields of a delivery, whichever client read
-//! it (lapin, or the raw reader for what lapin cannot parse); no lapin here, so every rule is unit-tested.
+//! task id to answer to: logged and acked). Pure decisions on the fields of a delivery as our own AMQP client
+//! read them (bytes, any of which may be malformed); no broker here, so every rule is unit-tested.
 //! Also where a first delivery of an instant function is handed to `executor::run_on_arrival`.
 
 use crate::config::Config;
@@ -28,26 +28,36 @@ fn utf8(b: &Option<Vec<u8>>) -> Result<Option<&str>, std::str::Utf8Error> {
     b.as_deref().map(std::str::from_utf8).transpose()
 }
 
-/// What a message fetched by the raw reader (`crate::raw`) becomes, and whether lapin could not have read it
-/// (the reason it was fetched that way). A task id that is not UTF-8 cannot be answered (results carry it as a UTF-8 short
-/// string), so such a message is dropped and logged like one without an id.
-pub(crate) fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, bool) {
-    let p = &m.properties;
+/// What a delivery becomes, read by our own AMQP client (`crate::raw`) as bytes: any property may be
+/// malformed. A task id that is not UTF-8 cannot be answered (results carry it as a UTF-8 short string), so
+/// such a message is dropped and logged like one without an id; a bad function name or header gets a
+/// `rejected` result. The payload moves into the task without a copy.
+pub(crate) fn classify_raw(config: &Config, m: RawMessage) -> Option<Intake> {
+    let RawMessage {
+        delivery_tag,
+        properties: p,
+        body,
+        body_size,
+        ..
+    } = m;
     let Ok(message_id) = utf8(&p.message_id) else {
         tracing::warn!(
+            delivery_tag,
             message_id = ?String::from_utf8_lossy(p.message_id.as_deref().unwrap_or_default()),
             function = ?p.kind.as_deref().map(String::from_utf8_lossy),
-            bytes = m.body.len(),
+            bytes = body_size,
             "dropped a task whose message_id is not valid UTF-8 (no task id to answer to): send task ids as UTF-8"
         );
-        return (None, true);
+        return None;
     };
     let Some(task_id) = message_id.filter(|id| !id.is_empty()) else {
         tracing::warn!(
-            bytes = m.body.len(),
+            delivery_tag,
+            function = ?p.kind.as_deref().map(String::from_utf8_lossy),
+            bytes = body_size,
             "dropped a task without message_id (no task id to answer to): set message_id on every task"
         );
-        return (None, false);
+        return None;
     };
     let reject = |reason: String| {
         Some(Intake::Rejected {
@@ -58,26 +68,20 @@ pub(crate) fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, 
     };
     let Ok(function) = utf8(&p.kind) else {
         let shown = String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned();
-        return (
-            reject(format!(
-                "the `type` property (the function name) is not valid UTF-8: {shown:?}"
-            )),
-            true,
-        );
+        return reject(format!(
+            "the `type` property (the function name) is not valid UTF-8: {shown:?}"
+        ));
     };
     let headers = match p.headers.as_deref().map(parse_table).transpose() {
         Ok(h) => h.unwrap_or_default(),
-        Err(e) => return (reject(format!("task headers cannot be read: {e}")), true),
+        Err(e) => return reject(format!("task headers cannot be read: {e}")),
     };
     if let Some((key, _)) = headers
         .iter()
         .find(|(k, _)| std::str::from_utf8(k).is_err())
     {
         let shown = String::from_utf8_lossy(key).into_owned();
-        return (
-            reject(format!("header name {shown:?} is not valid UTF-8")),
-            true,
-        );
+        return reject(format!("header name {shown:?} is not valid UTF-8"));
     }
     let timeout = headers
         .iter()
@@ -90,16 +94,14 @@ pub(crate) fn classify_raw(config: &Config, m: &RawMessage) -> (Option<Intake>, 
             };
             positive_ms(n, v)
         });
-    let header_bytes = p.headers.as_ref().map_or(0, Vec::len);
-    let intake = classify(
-        config,
-        Some(task_id),
+    let fields = Fields {
+        message_id: Some(task_id),
         function,
         timeout,
-        header_bytes,
-        &m.body,
-    );
-    (intake, false)
+        header_bytes: p.headers.as_ref().map_or(0, Vec::len),
+        body_size,
+    };
+    classify(config, fields, body)
 }
 
 /// A first delivery of a task whose function runs on arrival comes with its result (see
@@ -112,15 +114,27 @@ pub(crate) fn on_arrival(config: &Config, intake: Intake, redelivered: bool) -> 
     }
 }
 
+/// The fields of a delivery that decide what it becomes.
+pub(crate) struct Fields<'a> {
+    pub message_id: Option<&'a str>,
+    pub function: Option<&'a str>,
+    /// The `x-timeout-ms` header, if there is one: its value, or why it is not usable.
+    pub timeout: Option<Result<u64, String>>,
+    /// Encoded size of the header table.
+    pub header_bytes: usize,
+    /// The body's size as the broker declared it (the body itself may have been dropped for its size).
+    pub body_size: u64,
+}
+
 /// Decides what a delivery becomes. `None`: no task id, so nothing can be answered (logged and acked).
-pub(crate) fn classify(
-    config: &Config,
-    message_id: Option<&str>,
-    function: Option<&str>,
-    timeout: Option<Result<u64, String>>,
-    header_bytes: usize,
-    body: &[u8],
-) -> Option<Intake> {
+pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Option<Intake> {
+    let Fields {
+        message_id,
+        function,
+        timeout,
+        header_bytes,
+        body_size,
+    } = fields;
     let task_id = message_id.filter(|id| !id.is_empty())?.to_owned();
     let reject = |function: &str, reason: String| {
         Some(Intake::Rejected {
@@ -145,12 +159,11 @@ pub(crate) fn classify(
             ),
         );
     }
-    if body.len() > config.max_body_bytes {
+    if body_size > config.max_body_bytes as u64 {
         return reject(
             function,
             format!(
-                "task body is {} bytes, over this endpoint's max_body_bytes of {}",
-                body.len(),
+                "task body is {body_size} bytes, over this endpoint's max_body_bytes of {}",
                 config.max_body_bytes
             ),
         );
@@ -170,7 +183,7 @@ pub(crate) fn classify(
     Some(Intake::Task(NewTask {
         task_id,
         function: function.to_owned(),
-        payload: body.to_vec(),
+        payload: body,
         timeout_ms,
     }))
 }
@@ -228,7 +241,14 @@ pub(crate) mod tests {
         body: &str,
         want: Option<&str>,
     ) {
-        let got = classify(&config(), id, f, t, 0, body.as_bytes());
+        let fields = Fields {
+            message_id: id,
+            function: f,
+            timeout: t,
+            header_bytes: 0,
+            body_size: body.len() as u64,
+        };
+        let got = classify(&config(), fields, body.as_bytes().to_vec());
         match (got, want) {
             (None, None) => {}
             (Some(Intake::Task(t)), Some("task")) => assert_eq!(t.payload, body.as_bytes()),
@@ -269,15 +289,15 @@ pub(crate) mod tests {
         check(Some("t"), Some("echo"), Some(Ok(5)), "x", Some("task"));
     }
 
-    fn check_raw(props: RawProperties, want: Option<&str>, unparsable: bool) {
+    fn check_raw(props: RawProperties, want: Option<&str>) {
         let m = RawMessage {
             delivery_tag: 1,
             redelivered: true,
             properties: props,
+            body_size: 2,
             body: b"hi".to_vec(),
         };
-        let (got, bad) = classify_raw(&config(), &m);
-        assert_eq!(bad, unparsable, "{got:?}");
+        let got = classify_raw(&config(), m);
         match (got, want) {
             (None, None) => {}
             (Some(Intake::Task(t)), Some(w)) if w.starts_with("task") => {
@@ -299,7 +319,7 @@ pub(crate) mod tests {
             headers: None,
             delivery_mode: Some(2),
         };
-        check_raw(good(), Some("task None"), false);
+        check_raw(good(), Some("task None"));
         let timeout = table_entry(
             HEADER_TIMEOUT_MS.as_bytes(),
             FIELD_SIGNED_32,
@@ -311,7 +331,6 @@ pub(crate) mod tests {
                 ..good()
             },
             Some("task Some(250)"),
-            false,
         );
         check_raw(
             RawProperties {
@@ -319,7 +338,6 @@ pub(crate) mod tests {
                 ..good()
             },
             None,
-            true,
         );
         check_raw(
             RawProperties {
@@ -327,7 +345,6 @@ pub(crate) mod tests {
                 ..good()
             },
             None,
-            false,
         );
         check_raw(
             RawProperties {
@@ -335,7 +352,6 @@ pub(crate) mod tests {
                 ..good()
             },
             Some("`type` property (the function name) is not valid UTF-8"),
-            true,
         );
         check_raw(
             RawProperties {
@@ -343,7 +359,6 @@ pub(crate) mod tests {
                 ..good()
             },
             Some("header name \"k\u{fffd}\" is not valid UTF-8"),
-            true,
         );
         check_raw(
             RawProperties {
@@ -351,7 +366,6 @@ pub(crate) mod tests {
                 ..good()
             },
             Some("unknown header field type 'U'"),
-            true,
         );
         let mut big = Vec::new();
         for i in 0..200 {
@@ -367,7 +381,46 @@ pub(crate) mod tests {
                 ..good()
             },
             Some("over the limit of 16384"),
-            false,
         );
+        let header =
+            |value: &[u8], kind: u8| Some(table_entry(HEADER_TIMEOUT_MS.as_bytes(), kind, value));
+        let text = |s: &str| [&(s.len() as u32).to_be_bytes()[..], s.as_bytes()].concat();
+        check_raw(
+            RawProperties {
+                headers: header(&text("42"), crate::raw::FIELD_LONG_STRING),
+                ..good()
+            },
+            Some("task Some(42)"),
+        );
+        for bad in [&(-1i32).to_be_bytes()[..], &0i32.to_be_bytes()[..]] {
+            check_raw(
+                RawProperties {
+                    headers: header(bad, FIELD_SIGNED_32),
+                    ..good()
+                },
+                Some("must be a positive integer"),
+            );
+        }
+        check_raw(
+            RawProperties {
+                headers: header(&text("soon"), crate::raw::FIELD_LONG_STRING),
+                ..good()
+            },
+            Some("must be a positive integer"),
+        );
+        // A body the client dropped for its size: rejected by its declared size.
+        let dropped = RawMessage {
+            delivery_tag: 1,
+            redelivered: false,
+            properties: good(),
+            body_size: 8 << 20,
+            body: Vec::new(),
+        };
+        match classify_raw(&config(), dropped) {
+            Some(Intake::Rejected { reason, .. }) => {
+                assert!(reason.contains("8388608 bytes"), "{reason}")
+            }
+            other => panic!("an oversized body must be rejected: {other:?}"),
+        }
     }
 }

@@ -32,6 +32,12 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Most executor slots one agent runs: far above any useful count on one host, low enough to catch a typo.
 pub const MAX_WORKERS: usize = 1024;
 
+// --- Intake ---
+
+/// Most payload bytes one intake batch holds (one commit, one ack): with the raw consumer reading the socket only
+/// as fast as batches are taken, this and `max_body_bytes` bound what deliveries take in memory.
+pub const INTAKE_BATCH_BYTES: usize = 16 << 20;
+
 // --- The store ---
 
 /// Most commands one commit takes: bounds a transaction's memory and the time a reply waits behind others.

@@ -13,17 +13,36 @@ use std::time::Duration;
 /// How long opening a connection may take: a blackholed path would otherwise hang the reconnect loop.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Opens a connection named `name` (shown in the management UI and `rabbitmqctl list_connections`).
+/// Opens a connection named `name` (shown in the management UI and `rabbitmqctl list_connections`). An
+/// `amqps://` URL connects with TLS, verifying the server's certificate and host name against the system's CAs
+/// and the URL's private CA; a TLS failure no retry can fix is [`BrokerError::Tls`].
 pub async fn connect(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url.expose(), props)).await {
-        Ok(conn) => conn.map_err(|cause| BrokerError::Connect {
-            context: format!("while connecting to {url}"),
-            cause,
+    let runtime = lapin::runtime::default_runtime().map_err(|cause| BrokerError::Connect {
+        context: "while starting the AMQP client".into(),
+        cause,
+    })?;
+    let connecting =
+        Connection::connect_with_config(url.expose(), props, url.tls().lapin(), runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(conn) => conn.map_err(|cause| {
+            let context = format!("while connecting to {url}");
+            match tls_failure(&cause) {
+                Some(reason) if url.is_tls() => BrokerError::Tls { context, reason },
+                _ => BrokerError::Connect { context, cause },
+            }
         }),
         Err(_) => Err(BrokerError::Lost(format!(
             "no answer from {url} within {CONNECT_TIMEOUT:?}"
         ))),
+    }
+}
+
+/// Why a connection failed in its TLS handshake, if that is what happened.
+fn tls_failure(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        lapin::ErrorKind::IOError(io) => crate::tls::explain(io.as_ref()),
+        _ => None,
     }
 }
 

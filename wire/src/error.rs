@@ -15,6 +15,10 @@ pub enum BrokerError {
         context: String,
         cause: lapin::Error,
     },
+    /// The TLS handshake failed for a reason a retry cannot fix (a certificate the agent does not trust, an
+    /// expired or mismatched one, a server that does not speak TLS): an operator must act.
+    #[error("{context}: {reason}")]
+    Tls { context: String, reason: String },
     /// The connection or a consumer ended without an error from the client library.
     #[error("{0}")]
     Lost(String),
@@ -38,18 +42,7 @@ impl BrokerError {
             BrokerError::Amqp { cause, .. } | BrokerError::Connect { cause, .. } => {
                 soft_error(cause)
             }
-            BrokerError::BadUrl(..) | BrokerError::Lost(_) => None,
-        }
-    }
-
-    /// lapin could not parse what the broker sent: a delivery with a non-UTF-8 short string or an unknown
-    /// header type. The connection is dead and the broker will redeliver that message.
-    pub fn is_unparsable(&self) -> bool {
-        match self {
-            BrokerError::Amqp { cause, .. } | BrokerError::Connect { cause, .. } => {
-                matches!(cause.kind(), lapin::ErrorKind::ParsingError(_))
-            }
-            BrokerError::BadUrl(..) | BrokerError::Lost(_) => false,
+            BrokerError::BadUrl(..) | BrokerError::Tls { .. } | BrokerError::Lost(_) => None,
         }
     }
 
@@ -72,7 +65,7 @@ impl BrokerError {
     /// must fix the credentials or permissions).
     pub fn is_transient(&self) -> bool {
         match self {
-            BrokerError::BadUrl(..) => false,
+            BrokerError::BadUrl(..) | BrokerError::Tls { .. } => false,
             BrokerError::Connect { cause, .. } => !matches!(
                 cause.kind(),
                 lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::AuthProviderError(_)

@@ -11,10 +11,12 @@ mod names;
 mod payloads;
 pub mod registration;
 mod time;
+pub mod tls;
 mod url;
 
 pub use error::{BrokerError, soft_error};
 pub use names::*;
 pub use payloads::*;
 pub use time::{now_ms, now_rfc3339, rfc3339_utc};
+pub use tls::{Tls, TlsError, TlsFiles};
 pub use url::{BrokerUrl, DEFAULT_BROKER_URL, UrlParts};

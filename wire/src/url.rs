@@ -1,24 +1,44 @@
 //! Broker URLs: parsed once ([`BrokerUrl::new`] refuses what the AMQP client cannot use), shown redacted
-//! (`Display` and `Debug` never print the password), and taken apart for clients that speak AMQP themselves.
+//! (`Display` and `Debug` never print the password), taken apart for clients that speak AMQP themselves, and
+//! carrying the TLS material an `amqps://` URL is connected with.
 
 use crate::error::BrokerError;
+use crate::tls::Tls;
 use std::fmt;
+use std::sync::Arc;
 
 /// The URL the agent and `service-setup` use when neither `--broker-url` nor `AMQP_URL` says otherwise.
 pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// An AMQP URL. `Display` never shows the password.
+/// An AMQP URL (and, for `amqps://`, the CA and client certificate to connect with). `Display` never shows the
+/// password.
 #[derive(Clone, PartialEq, Eq)]
-pub struct BrokerUrl(String);
+pub struct BrokerUrl(String, Arc<Tls>);
 
 impl BrokerUrl {
     pub fn new(url: impl Into<String>) -> Result<Self, BrokerError> {
         let url = url.into();
         let parsed: Result<lapin::uri::AMQPUri, String> = url.parse();
         match parsed {
-            Ok(_) => Ok(Self(url)),
+            Ok(_) => Ok(Self(url, Arc::default())),
             Err(e) => Err(BrokerError::BadUrl(redact(&url), e)),
         }
+    }
+
+    /// This URL connected with `tls` (a private CA, a client certificate) when it is `amqps://`.
+    pub fn with_tls(mut self, tls: Tls) -> BrokerUrl {
+        self.1 = Arc::new(tls);
+        self
+    }
+
+    /// The TLS material (the default when none was given: the system's CAs, no client certificate).
+    pub fn tls(&self) -> &Tls {
+        &self.1
+    }
+
+    /// Whether this is an `amqps://` URL: TLS with the server's certificate verified, never plaintext.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("amqps://")
     }
 
     /// The full URL, credentials included: only for handing to the client library.
@@ -33,6 +53,8 @@ impl BrokerUrl {
             .parse()
             .expect("a BrokerUrl was parsed when it was made");
         UrlParts {
+            tls: uri.scheme == lapin::uri::AMQPScheme::AMQPS,
+            external: uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External),
             host: uri.authority.host,
             port: uri.authority.port,
             user: uri.authority.userinfo.username,
@@ -47,12 +69,16 @@ impl BrokerUrl {
             return self.clone();
         }
         let sep = if self.0.contains('?') { '&' } else { '?' };
-        BrokerUrl(format!("{}{sep}heartbeat={secs}", self.0))
+        BrokerUrl(format!("{}{sep}heartbeat={secs}", self.0), self.1.clone())
     }
 }
 
 /// The pieces of a [`BrokerUrl`]; `password` is secret (never log it).
 pub struct UrlParts {
+    /// `amqps://`: TLS, always verified.
+    pub tls: bool,
+    /// `auth_mechanism=external`: the client certificate identifies the user (no password is sent).
+    pub external: bool,
     pub host: String,
     pub port: u16,
     pub user: String,

@@ -51,7 +51,13 @@ pub(super) const CHANNEL_OPEN: Method = m(CLASS_CHANNEL, 10);
 pub(super) const CHANNEL_OPEN_OK: Method = m(CLASS_CHANNEL, 11);
 pub(super) const CHANNEL_CLOSE: Method = m(CLASS_CHANNEL, 40);
 pub(super) const CHANNEL_CLOSE_OK: Method = m(CLASS_CHANNEL, 41);
+pub(super) const BASIC_QOS: Method = m(CLASS_BASIC, 10);
+pub(super) const BASIC_QOS_OK: Method = m(CLASS_BASIC, 11);
+pub(super) const BASIC_CONSUME: Method = m(CLASS_BASIC, 20);
+pub(super) const BASIC_CONSUME_OK: Method = m(CLASS_BASIC, 21);
+pub(super) const BASIC_CANCEL: Method = m(CLASS_BASIC, 30);
 pub(super) const BASIC_PUBLISH: Method = m(CLASS_BASIC, 40);
+pub(super) const BASIC_DELIVER: Method = m(CLASS_BASIC, 60);
 pub(super) const BASIC_GET: Method = m(CLASS_BASIC, 70);
 pub(super) const BASIC_GET_OK: Method = m(CLASS_BASIC, 71);
 pub(super) const BASIC_GET_EMPTY: Method = m(CLASS_BASIC, 72);
@@ -67,6 +73,12 @@ pub(super) const REPLY_SUCCESS: u16 = 200;
 
 /// `basic.get-ok`'s `redelivered` bit.
 pub(super) const GET_OK_REDELIVERED: u8 = 1;
+/// `basic.deliver`'s `redelivered` bit.
+pub(super) const DELIVER_REDELIVERED: u8 = 1;
+/// `basic.ack`'s `multiple` bit: every delivery up to the tag.
+pub(super) const ACK_MULTIPLE: u8 = 1;
+/// `basic.consume`'s `exclusive` bit (after `no-local` and `no-ack`).
+pub(super) const CONSUME_EXCLUSIVE: u8 = 0b100;
 /// `basic.nack`'s `requeue` bit (`multiple` is bit 0, not used here).
 pub(super) const NACK_REQUEUE: u8 = 0b10;
 /// No bits set: `basic.get` with `no-ack` off, `basic.ack` without `multiple`, `basic.publish` neither
@@ -126,12 +138,15 @@ pub struct RawProperties {
     pub delivery_mode: Option<u8>,
 }
 
-/// One message fetched with `basic.get`.
+/// One message, fetched with `basic.get` or delivered to the consumer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawMessage {
     pub delivery_tag: u64,
     pub redelivered: bool,
     pub properties: RawProperties,
+    /// The body's size as the broker declared it.
+    pub body_size: u64,
+    /// The body; empty when it was larger than the consumer's limit (read and dropped, never held).
     pub body: Vec<u8>,
 }
 
@@ -183,7 +198,8 @@ fn parse_value(t: &mut &[u8]) -> Result<FieldValue, String> {
     // Type bytes: t boolean, B/b unsigned/signed 8-bit, u/s 16-bit, i/I 32-bit, l 64-bit signed, T timestamp,
     // f float, d double, D decimal, V void, S long string, x byte array, A array, F table.
     Ok(match kind {
-        b't' | b'B' => int(fixed(t, 1)?, false),
+        b't' => fixed(t, 1).map(|_| FieldValue::Other('t'))?,
+        b'B' => int(fixed(t, 1)?, false),
         b'b' => int(fixed(t, 1)?, true),
         b's' => int(fixed(t, 2)?, true),
         b'u' => int(fixed(t, 2)?, false),
@@ -287,6 +303,7 @@ pub(super) fn encode_frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A frame as read: type, channel, payload.
+#[derive(Debug)]
 pub(super) struct Frame {
     pub kind: u8,
     pub channel: u16,
@@ -455,6 +472,11 @@ mod tests {
             Err("unknown header field type 'U'"),
         );
         check(&table_entry(b"k", b'l', &[1, 2]), Err("truncated"));
+        // A boolean is not a number, even though it is one byte.
+        check(
+            &table_entry(b"b", b't', &[1]),
+            Ok(vec![(b"b", FieldValue::Other('t'))]),
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The link supervisor: (re)registers, connects the subscriber and the publisher on connections of their own
-//! (with the AMQP heartbeat the registration sets), notices a dead link (lapin's error events, AMQP heartbeats,
+//! The link supervisor: (re)registers, connects the subscriber (our own AMQP client, `raw`) and the publisher
+//! (lapin) on connections of their own (with the AMQP heartbeat the registration sets), notices a dead link (lapin's error events, AMQP heartbeats,
 //! a failed operation) and starts over with backoff; its watchdog also turns `connection.blocked` /
 //! `unblocked` into the condition the publisher waits on. Executors never wait on it: a lost link only pauses
 //! intake and publishing.
@@ -10,6 +10,7 @@ use super::subscriber::Subscriber;
 use crate::config::Config;
 use crate::limits::{CLOSE_TIMEOUT, STABLE_SESSION};
 use crate::meta::MetaKey;
+use crate::raw::{RawConnection, RawError};
 use crate::retry::Backoff;
 use crate::store::Store;
 use endpoint_wire::amqp::connect;
@@ -17,7 +18,7 @@ use endpoint_wire::registration::{RegistrationError, fetch_registration};
 use endpoint_wire::{AgentState, BrokerError, Registration, now_rfc3339};
 use futures_lite::StreamExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -88,7 +89,6 @@ impl Link {
                 config: config.clone(),
                 store: self.store.clone(),
                 state: self.state.clone(),
-                unparsable: AtomicBool::new(false),
             },
             blocked,
         };
@@ -133,12 +133,6 @@ impl Link {
             match end {
                 SessionEnd::Drained => return Ok(()),
                 SessionEnd::Failed(e) => {
-                    if e.is_unparsable() {
-                        tracing::warn!(
-                            "a task could not be parsed by the AMQP client library; reading it with our own reader next"
-                        );
-                        parts.subscriber.unparsable.store(true, Ordering::Relaxed);
-                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, ?delay, "lost the broker; tasks keep running, results wait on disk; reconnecting");
                     self.note(format!("disconnected since {}: {e}", now_rfc3339()))
@@ -176,11 +170,14 @@ impl Link {
         let ep = &self.config.endpoint_id;
         let url = self.config.broker_url.with_heartbeat(reg.heartbeat_secs);
         let connected = async {
-            let sub = connect(&url, &format!("endpoint-agent {ep} subscriber")).await?;
+            let name = format!("endpoint-agent {ep} subscriber");
+            let sub = RawConnection::open(&self.config.broker_url, &name, reg.heartbeat_secs)
+                .await
+                .map_err(|e| subscriber_failed("while connecting the subscriber", e))?;
             let publ = connect(&url, &format!("endpoint-agent {ep} publisher")).await?;
             Ok::<_, BrokerError>((sub, publ))
         };
-        let (sub_conn, pub_conn) = match connected.await {
+        let (mut sub_conn, pub_conn) = match connected.await {
             Ok(c) => c,
             Err(e) => return SessionEnd::Failed(e),
         };
@@ -192,14 +189,19 @@ impl Link {
             .record(MetaKey::Reconnects, sessions.to_string())
             .await;
         let interval = Duration::from_secs(u64::from(reg.heartbeat_secs));
-        let intake = async {
-            match subscriber.run(&sub_conn, stop_intake).await {
-                Ok(()) => std::future::pending().await,
-                Err(e) => e,
+        // The intake owns the subscriber's connection: once intake stops it closes it at once, so what it held
+        // unacked goes back to the broker (for a standby agent) while the publisher drains.
+        let intake = async move {
+            match subscriber.run(&mut sub_conn, stop_intake).await {
+                Ok(()) => {
+                    sub_conn.close().await;
+                    std::future::pending().await
+                }
+                Err(e) => subscriber_failed("the subscriber connection failed", e),
             }
         };
         let watchdog = async {
-            let mut events = sub_conn.events_listener().or(pub_conn.events_listener());
+            let mut events = pub_conn.events_listener();
             while let Some(event) = events.next().await {
                 match event {
                     // A channel-level (soft) error, such as the exclusive consume being refused, also arrives
@@ -246,10 +248,20 @@ impl Link {
         if blocked.borrow().is_some() {
             self.set_blocked(blocked, None).await;
         }
-        for conn in [&sub_conn, &pub_conn] {
-            let _ =
-                tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "endpoint-agent".into())).await;
-        }
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, pub_conn.close(200, "endpoint-agent".into())).await;
         end
+    }
+}
+
+/// The subscriber's connection failed: a TLS refusal stays one (an operator must act), anything else is a lost
+/// link to reconnect.
+fn subscriber_failed(context: &str, e: RawError) -> BrokerError {
+    match e {
+        RawError::Tls(reason) => BrokerError::Tls {
+            context: context.to_owned(),
+            reason,
+        },
+        e => BrokerError::Lost(format!("{context}: {e}")),
     }
 }

@@ -1,26 +1,24 @@
-//! Takes tasks from the broker: an exclusive consumer on `<EP>.tasks` with a prefetch, group-committing every
-//! delivery to the store before one `multiple` ack. What each delivery becomes is `intake`'s decision (bad
-//! input becomes a `rejected` result or, with no task id, a logged drop; a first delivery of an instant
-//! function comes with its result); this module reads lapin's deliveries into intake's terms. Above the local
-//! backlog it stops taking deliveries so the work stays in the broker. When another agent holds the queue it
-//! stands by and retries. After a delivery lapin could not parse, it reads the in-flight ones with `raw`.
+//! Takes tasks from the broker: an exclusive consumer on `<EP>.tasks` with a prefetch, on a connection of our
+//! own AMQP client (`raw`), group-committing every delivery to the store before one `multiple` ack. What
+//! each delivery becomes is `intake`'s decision (bad input becomes a `rejected` result or, with no task id, a
+//! logged drop; a first delivery of an instant function comes with its result). `raw` reads the socket only as
+//! fast as this takes deliveries and never holds a body over `max_body_bytes`, and a batch is bounded in
+//! bytes, so hostile input cannot fill memory; and it reads any bytes, so a message no library can parse is
+//! answered like any other. Above the local backlog it stops taking deliveries so the work stays in the
+//! broker. When another agent holds the queue it stands by and retries.
 
 use crate::config::Config;
-use crate::intake::{classify, classify_raw, on_arrival, parse_ms, positive_ms};
-use crate::limits::{STANDBY_RETRY_MAX, STANDBY_RETRY_MIN, STORE_RETRY_MAX, STORE_RETRY_MIN};
+use crate::intake::{classify_raw, on_arrival};
+use crate::limits::{
+    INTAKE_BATCH_BYTES, STANDBY_RETRY_MAX, STANDBY_RETRY_MIN, STORE_RETRY_MAX, STORE_RETRY_MIN,
+};
 use crate::meta::MetaKey;
 use crate::raw::{RawConnection, RawError};
 use crate::retry::{self, Backoff};
 use crate::store::Store;
 use crate::task::Intake;
-use endpoint_wire::{AgentState, BrokerError, HEADER_TIMEOUT_MS, now_rfc3339};
-use futures_lite::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, Consumer};
+use endpoint_wire::{AgentState, now_rfc3339};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -28,57 +26,22 @@ pub(crate) struct Subscriber {
     pub config: Arc<Config>,
     pub store: Store,
     pub state: watch::Sender<AgentState>,
-    /// Set when the last subscriber connection died because lapin could not parse a delivery: the next
-    /// session first reads the deliveries that were in flight with [`crate::raw`].
-    pub unparsable: AtomicBool,
 }
 
+/// What ended a subscriber's work on its connection.
+pub(crate) type Ended = Result<(), RawError>;
+
 impl Subscriber {
-    /// Consumes until `stop` (returns Ok, unacked deliveries go back to the broker with the channel) or until
-    /// the connection fails (returns the error; the caller reconnects).
-    pub async fn run(
-        &self,
-        conn: &Connection,
-        stop: &CancellationToken,
-    ) -> Result<(), BrokerError> {
+    /// Consumes until `stop` (returns Ok; what was not acked goes back to the broker when the connection
+    /// closes) or until the connection fails (returns the error; the caller reconnects).
+    pub async fn run(&self, conn: &mut RawConnection, stop: &CancellationToken) -> Ended {
         let queue = self.config.endpoint_id.tasks_queue();
         let tag = format!("endpoint-agent-{}", std::process::id());
         let mut standby = Backoff::new(STANDBY_RETRY_MIN, STANDBY_RETRY_MAX);
         let mut standing_by = false;
-        if self.unparsable.load(Ordering::Relaxed) {
-            match self.read_unparsable(&queue, stop).await {
-                Ok(()) => self.unparsable.store(false, Ordering::Relaxed),
-                Err(e) => {
-                    return Err(BrokerError::Lost(format!(
-                        "cannot read the task lapin could not parse: {e}"
-                    )));
-                }
-            }
-        }
         while !stop.is_cancelled() {
-            let channel = conn
-                .create_channel()
-                .await
-                .map_err(|e| BrokerError::amqp("while opening the subscriber channel", e))?;
-            channel
-                .basic_qos(self.config.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(|e| BrokerError::amqp("while setting the prefetch", e))?;
-            let options = BasicConsumeOptions {
-                exclusive: true,
-                ..BasicConsumeOptions::default()
-            };
-            let consumed = channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    tag.as_str().into(),
-                    options,
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| BrokerError::amqp(format!("while consuming {queue}"), e));
-            match consumed {
-                Ok(consumer) => {
+            match conn.consume(&queue, &tag, self.config.prefetch, true).await {
+                Ok(()) => {
                     if standing_by {
                         tracing::info!(queue = %queue, "the other agent went away: taking over the tasks queue");
                         self.store
@@ -94,7 +57,7 @@ impl Subscriber {
                         tracing::info!(queue = %queue, prefetch = self.config.prefetch, "consuming tasks");
                     }
                     self.state.send_replace(AgentState::Running);
-                    return self.consume(&channel, consumer, stop).await;
+                    return self.consume(conn, stop).await;
                 }
                 Err(e) if e.is_exclusive_conflict() => {
                     if !standing_by {
@@ -125,59 +88,47 @@ impl Subscriber {
         Ok(())
     }
 
-    async fn consume(
-        &self,
-        channel: &Channel,
-        mut consumer: Consumer,
-        stop: &CancellationToken,
-    ) -> Result<(), BrokerError> {
-        let lost = |e| BrokerError::amqp("while receiving tasks", e);
+    async fn consume(&self, conn: &mut RawConnection, stop: &CancellationToken) -> Ended {
         let mut retry = Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
         let max_batch = usize::from(self.config.prefetch);
+        let max_body = self.config.max_body_bytes;
         loop {
             let first = tokio::select! {
-                _ = stop.cancelled() => break,
-                d = consumer.next() => d,
+                _ = stop.cancelled() => return Ok(()),
+                d = conn.next_delivery(max_body) => d?,
             };
-            let Some(first) = first else {
-                return Err(BrokerError::Lost(
-                    "the tasks consumer ended (channel closed or consumer cancelled by the broker)"
-                        .into(),
-                ));
-            };
-            let mut batch = vec![first.map_err(lost)?];
-            // Group commit: take everything that has already arrived, up to the prefetch.
-            while batch.len() < max_batch {
-                match futures_lite::future::poll_once(consumer.next()).await {
-                    Some(Some(d)) => batch.push(d.map_err(lost)?),
-                    _ => break,
+            let mut bytes = first.body.len();
+            let mut batch = vec![first];
+            // Group commit: take everything that has already arrived, up to the prefetch and a bounded size.
+            while batch.len() < max_batch && bytes < INTAKE_BATCH_BYTES {
+                match futures_lite::future::poll_once(conn.next_delivery(max_body)).await {
+                    Some(d) => {
+                        let d = d?;
+                        bytes += d.body.len();
+                        batch.push(d);
+                    }
+                    None => break,
                 }
             }
             if !self.wait_for_room(stop).await {
-                break;
+                return Ok(());
             }
-            let intake: Vec<Intake> = batch
-                .iter()
-                .filter_map(|d| {
-                    classify_delivery(&self.config, d)
-                        .map(|i| on_arrival(&self.config, i, d.redelivered))
-                })
-                .collect();
             let last_tag = batch
                 .last()
                 .map(|d| d.delivery_tag)
                 .expect("batch holds at least the first delivery");
-            // The payloads now live in `intake`: let the deliveries' copies go before the commit.
-            drop(batch);
+            let intake: Vec<Intake> = batch
+                .into_iter()
+                .filter_map(|d| {
+                    let redelivered = d.redelivered;
+                    classify_raw(&self.config, d).map(|i| on_arrival(&self.config, i, redelivered))
+                })
+                .collect();
             if !self.commit(intake, &mut retry, stop).await {
-                return close(channel, &consumer).await;
+                return Ok(());
             }
-            channel
-                .basic_ack(last_tag, BasicAckOptions { multiple: true })
-                .await
-                .map_err(|e| BrokerError::amqp("while acking tasks", e))?;
+            conn.ack_up_to(last_tag).await?;
         }
-        close(channel, &consumer).await
     }
 
     /// Commits received tasks, retrying with backoff until it works (a full disk); nothing may be acked before.
@@ -209,45 +160,6 @@ impl Subscriber {
         }
     }
 
-    /// Reads the deliveries that were in flight when lapin failed to parse one (the broker gave them back,
-    /// `redelivered`) with our own AMQP reader, one at a time: each is committed, then acked, exactly as in
-    /// `consume`. Stops after the unparsable one, at the first message that was never delivered, or after
-    /// `prefetch` messages; each pass moves at least one message, so a bad message cannot loop.
-    async fn read_unparsable(&self, queue: &str, stop: &CancellationToken) -> Result<(), RawError> {
-        let name = format!("endpoint-agent {} raw reader", self.config.endpoint_id);
-        let mut raw = RawConnection::open(&self.config.broker_url, &name).await?;
-        let mut retry = Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
-        for _ in 0..self.config.prefetch.max(1) {
-            let Some(message) = raw.get(queue).await? else {
-                break;
-            };
-            if !message.redelivered {
-                raw.requeue(message.delivery_tag).await?;
-                break;
-            }
-            let (intake, unparsable) = classify_raw(&self.config, &message);
-            if unparsable {
-                tracing::warn!(
-                    delivery_tag = message.delivery_tag,
-                    "read a task the AMQP client library could not parse (it broke the connection)"
-                );
-            }
-            if !self
-                .commit(intake.into_iter().collect(), &mut retry, stop)
-                .await
-            {
-                raw.close().await;
-                return Ok(());
-            }
-            raw.ack(message.delivery_tag).await?;
-            if unparsable {
-                break;
-            }
-        }
-        raw.close().await;
-        Ok(())
-    }
-
     /// Local backpressure: waits while the backlog on disk is at its maximum. False if stopped meanwhile.
     async fn wait_for_room(&self, stop: &CancellationToken) -> bool {
         let mut counts = self.store.counts();
@@ -273,122 +185,5 @@ impl Subscriber {
                 r = counts.changed() => if r.is_err() { return false },
             }
         }
-    }
-}
-
-async fn close(channel: &Channel, consumer: &Consumer) -> Result<(), BrokerError> {
-    let _ = channel
-        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-        .await;
-    // Closing the channel hands any delivery we did not ack back to the broker.
-    let _ = channel.close(200, "endpoint-agent stopping".into()).await;
-    Ok(())
-}
-
-fn classify_delivery(config: &Config, d: &Delivery) -> Option<Intake> {
-    let p = &d.properties;
-    let timeout = p
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(HEADER_TIMEOUT_MS))
-        .map(timeout_ms);
-    let intake = classify(
-        config,
-        p.message_id().as_ref().map(|s| s.as_str()),
-        p.kind().as_ref().map(|s| s.as_str()),
-        timeout,
-        p.headers().as_ref().map_or(0, table_bytes),
-        &d.data,
-    );
-    if intake.is_none() {
-        tracing::warn!(
-            delivery_tag = d.delivery_tag,
-            function = ?p.kind().as_ref().map(|s| s.as_str()),
-            bytes = d.data.len(),
-            "dropped a task without message_id (no task id to answer to): set message_id on every task"
-        );
-    }
-    intake
-}
-
-fn timeout_ms(v: &AMQPValue) -> Result<u64, String> {
-    let n: Option<i128> = match v {
-        AMQPValue::ShortShortInt(n) => Some((*n).into()),
-        AMQPValue::ShortShortUInt(n) => Some((*n).into()),
-        AMQPValue::ShortInt(n) => Some((*n).into()),
-        AMQPValue::ShortUInt(n) => Some((*n).into()),
-        AMQPValue::LongInt(n) => Some((*n).into()),
-        AMQPValue::LongUInt(n) => Some((*n).into()),
-        AMQPValue::LongLongInt(n) => Some((*n).into()),
-        AMQPValue::Timestamp(n) => Some((*n).into()),
-        AMQPValue::LongString(s) => parse_ms(s.as_bytes()),
-        AMQPValue::ShortString(s) => parse_ms(s.as_str().as_bytes()),
-        _ => None,
-    };
-    positive_ms(n, v)
-}
-
-/// The encoded size of a header table, to hold tasks to [`MAX_HEADER_BYTES`].
-fn table_bytes(t: &FieldTable) -> usize {
-    t.inner()
-        .iter()
-        .map(|(k, v)| 1 + k.as_str().len() + value_bytes(v))
-        .sum::<usize>()
-}
-
-fn value_bytes(v: &AMQPValue) -> usize {
-    1 + match v {
-        AMQPValue::Void => 0,
-        AMQPValue::Boolean(_) | AMQPValue::ShortShortInt(_) | AMQPValue::ShortShortUInt(_) => 1,
-        AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
-        AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
-        AMQPValue::DecimalValue(_) => 5,
-        AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
-        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
-        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
-        AMQPValue::ByteArray(b) => 4 + b.len(),
-        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_bytes).sum::<usize>(),
-        AMQPValue::FieldTable(t) => 4 + table_bytes(t),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::intake::tests::config;
-    use endpoint_wire::MAX_HEADER_BYTES;
-
-    #[test]
-    fn big_header_tables_are_rejected() {
-        let mut t = FieldTable::default();
-        t.insert("small".into(), AMQPValue::LongLongInt(1));
-        assert_eq!(table_bytes(&t), 1 + 5 + 1 + 8);
-        t.insert(
-            "big".into(),
-            AMQPValue::LongString(vec![b'x'; MAX_HEADER_BYTES].into()),
-        );
-        let got = classify(
-            &config(),
-            Some("t"),
-            Some("echo"),
-            None,
-            table_bytes(&t),
-            b"x",
-        );
-        assert!(
-            matches!(&got, Some(Intake::Rejected { reason, .. }) if reason.contains("over the limit")),
-            "{got:?}"
-        );
-    }
-
-    #[test]
-    fn timeout_header_types() {
-        assert_eq!(timeout_ms(&AMQPValue::LongLongInt(250)), Ok(250));
-        assert_eq!(timeout_ms(&AMQPValue::ShortUInt(7)), Ok(7));
-        assert_eq!(timeout_ms(&AMQPValue::LongString("42".into())), Ok(42));
-        assert!(timeout_ms(&AMQPValue::LongInt(-1)).is_err());
-        assert!(timeout_ms(&AMQPValue::LongInt(0)).is_err());
-        assert!(timeout_ms(&AMQPValue::Boolean(true)).is_err());
-        assert!(timeout_ms(&AMQPValue::LongString("soon".into())).is_err());
     }
 }
