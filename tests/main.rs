@@ -10,3 +10,4 @@ mod isolation;
 mod lifecycle;
 mod raw_reader;
 mod roundtrip;
+mod tls;

@@ -8,7 +8,7 @@ use crate::limits::{
     DEFAULT_RECONNECT_MIN, DEFAULT_RETENTION_SECS, MAX_WORKERS,
 };
 use crate::sys::{self, Limit, User};
-use endpoint_wire::{BrokerUrl, EndpointId};
+use endpoint_wire::{BrokerUrl, EndpointId, Tls, TlsError, TlsFiles};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,10 @@ pub const BUILTIN_SLEEP: &str = "sleep";
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoint_id: EndpointId,
-    pub broker_url: BrokerUrl,
+    /// Where the broker's URL comes from; read with [`Config::broker_url`] at every (re)connect.
+    pub broker: BrokerSource,
+    /// The CA and client certificate `amqps://` URLs connect with.
+    pub tls: Tls,
     pub data_dir: PathBuf,
     /// Concurrent executor slots.
     pub workers: usize,
@@ -72,11 +75,24 @@ pub struct CommandSpec {
     pub no_new_privileges: bool,
 }
 
+/// Where the agent finds the broker's URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BrokerSource {
+    /// Given as is (`--broker-url`, `AMQP_URL`, or the default).
+    Url(BrokerUrl),
+    /// The first line of a file (`--broker-url-file`, `AMQP_URL_FILE`; `service-setup provision --credentials`
+    /// writes one), read again at every reconnect so a rotated password is picked up; no password on the
+    /// command line.
+    File(PathBuf),
+}
+
 /// Values given on the command line (or their env vars); each wins over the file.
 #[derive(Clone, Debug)]
 pub struct Overrides {
     pub endpoint_id: EndpointId,
-    pub broker_url: BrokerUrl,
+    pub broker: BrokerSource,
+    /// `--tls-ca`, `--tls-cert`, `--tls-key`; each wins over the file's.
+    pub tls: TlsFiles,
     pub data_dir: Option<PathBuf>,
     pub workers: Option<usize>,
     pub prefetch: Option<u16>,
@@ -97,6 +113,9 @@ struct FileConfig {
     reconnect_min_ms: Option<u64>,
     reconnect_max_ms: Option<u64>,
     builtin_timeout_secs: Option<u64>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default)]
     functions: BTreeMap<String, FileFunction>,
 }
@@ -130,6 +149,10 @@ pub enum ConfigError {
     Parse(PathBuf, String),
     #[error("invalid setting: {0}")]
     Invalid(String),
+    #[error("cannot read the broker URL from {0}: {1}")]
+    UrlFile(PathBuf, String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Config {
@@ -161,9 +184,15 @@ impl Config {
         let reconnect_max = f
             .reconnect_max_ms
             .map_or(DEFAULT_RECONNECT_MAX, Duration::from_millis);
+        let tls_files = TlsFiles {
+            ca: o.tls.ca.or(f.tls_ca),
+            cert: o.tls.cert.or(f.tls_cert),
+            key: o.tls.key.or(f.tls_key),
+        };
         let config = Config {
             endpoint_id: o.endpoint_id,
-            broker_url: o.broker_url,
+            broker: o.broker,
+            tls: Tls::load(&tls_files)?,
             data_dir,
             workers,
             prefetch,
@@ -188,6 +217,8 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        // The file is read once now, so a wrong path stops the start instead of every reconnect.
+        self.broker_url()?;
         if self.workers == 0 || self.workers > MAX_WORKERS {
             return bad(format!(
                 "workers is {}: use 1 to {MAX_WORKERS}",
@@ -216,6 +247,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The broker's URL, with the TLS material: read from the file each time for [`BrokerSource::File`].
+    pub fn broker_url(&self) -> Result<BrokerUrl, ConfigError> {
+        let url = match &self.broker {
+            BrokerSource::Url(url) => url.clone(),
+            BrokerSource::File(path) => read_url_file(path)?,
+        };
+        Ok(url.with_tls(self.tls.clone()))
     }
 
     /// The function named by a task's `type`, if this endpoint offers it.
@@ -304,6 +344,18 @@ fn functions(
     Ok(out)
 }
 
+/// The broker URL in the first non-empty line of `path`.
+fn read_url_file(path: &Path) -> Result<BrokerUrl, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::UrlFile(path.to_owned(), e.to_string()))?;
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .ok_or_else(|| ConfigError::UrlFile(path.to_owned(), "the file is empty".into()))?;
+    BrokerUrl::new(line).map_err(|e| ConfigError::UrlFile(path.to_owned(), e.to_string()))
+}
+
 /// `$XDG_STATE_HOME/endpoint-agent/<EP>`, else `~/.local/state/endpoint-agent/<EP>`, else
 /// `./endpoint-agent-data/<EP>`.
 pub fn default_data_dir(ep: &EndpointId) -> PathBuf {
@@ -324,7 +376,8 @@ mod tests {
     fn overrides() -> Overrides {
         Overrides {
             endpoint_id: EndpointId::new("ep").unwrap(),
-            broker_url: BrokerUrl::new("amqp://h/%2f").unwrap(),
+            broker: BrokerSource::Url(BrokerUrl::new("amqp://h/%2f").unwrap()),
+            tls: TlsFiles::default(),
             data_dir: Some("/tmp/x".into()),
             workers: None,
             prefetch: None,

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use endpoint_agent::config::{Config, Overrides, default_data_dir};
-use endpoint_wire::{BrokerUrl, DEFAULT_BROKER_URL, EndpointId};
+use endpoint_agent::config::{BrokerSource, Config, Overrides, default_data_dir};
+use endpoint_wire::{BrokerUrl, DEFAULT_BROKER_URL, EndpointId, TlsFiles};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,7 +26,14 @@ enum Command {
   service-setup provision --endpoint-id demo
   endpoint-agent start --endpoint-id demo
   endpoint-agent start --endpoint-id demo --config agent.toml --workers 8
-  AMQP_URL=amqp://user:pass@broker:5672/prod endpoint-agent start --endpoint-id demo
+  endpoint-agent start --endpoint-id demo --broker-url-file /etc/endpoint-agent/demo.url
+  AMQP_URL=amqps://user:pass@broker:5671/prod endpoint-agent start --endpoint-id demo --tls-ca ca.pem
+
+The broker URL: --broker-url-file (AMQP_URL_FILE), else --broker-url (AMQP_URL), else the local default.
+A password given with --broker-url is visible to every local user in the process list: prefer the file
+(`service-setup provision --credentials FILE` writes one, mode 0600) or AMQP_URL. amqps:// URLs use TLS
+with the server's certificate and host name verified (the system's CAs and --tls-ca); they never fall back
+to plaintext, and a certificate problem at start is an error (exit 1).
 
 Signals: SIGINT/SIGTERM stop taking tasks, let running ones finish within grace_period_secs and publish
 what is pending; a second signal exits at once (nothing is lost: unfinished work resumes at the next start).
@@ -35,9 +42,8 @@ logged by the agent itself; RUST_LOG=info,endpoint_agent=debug adds a line per t
     Start {
         #[command(flatten)]
         endpoint: EndpointArgs,
-        /// AMQP URL of the broker. The password never appears in logs.
-        #[arg(long, env = "AMQP_URL", default_value = DEFAULT_BROKER_URL, hide_env_values = true)]
-        broker_url: String,
+        #[command(flatten)]
+        broker: BrokerArgs,
         /// TOML file with limits and command functions (see README, "Configuration").
         #[arg(long, env = "ENDPOINT_AGENT_CONFIG")]
         config: Option<PathBuf>,
@@ -59,6 +65,44 @@ logged by the agent itself; RUST_LOG=info,endpoint_agent=debug adds a line per t
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct BrokerArgs {
+    /// AMQP URL of the broker [default: amqp://guest:guest@127.0.0.1:5672/%2f]. The password never appears in
+    /// logs, but other local users can see the command line: prefer --broker-url-file.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    broker_url: Option<String>,
+    /// File whose first line is the broker URL (mode 0600; read again at every reconnect, so a rotated
+    /// password is picked up).
+    #[arg(long, env = "AMQP_URL_FILE", value_name = "FILE")]
+    broker_url_file: Option<PathBuf>,
+    /// PEM file of a CA to trust for amqps:// besides the system's [or the config file's `tls_ca`].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate for amqps:// (for auth_mechanism=external) [or the config file's `tls_cert`].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert [or the config file's `tls_key`].
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// Where the URL comes from: the file wins over the URL, which wins over the default.
+    fn source(self) -> anyhow::Result<(BrokerSource, TlsFiles)> {
+        let tls = TlsFiles {
+            ca: self.tls_ca,
+            cert: self.tls_cert,
+            key: self.tls_key,
+        };
+        let source = match (self.broker_url_file, self.broker_url) {
+            (Some(file), _) => BrokerSource::File(file),
+            (None, Some(url)) => BrokerSource::Url(BrokerUrl::new(url)?),
+            (None, None) => BrokerSource::Url(BrokerUrl::new(DEFAULT_BROKER_URL)?),
+        };
+        Ok((source, tls))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -99,11 +143,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Start {
             endpoint,
-            broker_url,
+            broker,
             config,
             workers,
             prefetch,
-        } => start(endpoint, broker_url, config, workers, prefetch),
+        } => start(endpoint, broker, config, workers, prefetch),
         Command::Status { endpoint, json } => status(endpoint, json),
     };
     match result {
@@ -122,14 +166,16 @@ fn main() -> ExitCode {
 
 fn start(
     endpoint: EndpointArgs,
-    broker_url: String,
+    broker: BrokerArgs,
     config_file: Option<PathBuf>,
     workers: Option<usize>,
     prefetch: Option<u16>,
 ) -> anyhow::Result<()> {
+    let (broker, tls) = broker.source()?;
     let overrides = Overrides {
         endpoint_id: endpoint.endpoint_id,
-        broker_url: BrokerUrl::new(broker_url)?,
+        broker,
+        tls,
         data_dir: endpoint.data_dir,
         workers,
         prefetch,

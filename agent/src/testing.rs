@@ -1,8 +1,8 @@
 //! Helpers for the unit tests of every module (compiled only for tests): scratch directories that clean up,
 //! and a validated `Config` made from a config file's text.
 
-use crate::config::{Config, Overrides};
-use endpoint_wire::{BrokerUrl, EndpointId};
+use crate::config::{BrokerSource, Config, Overrides};
+use endpoint_wire::{BrokerUrl, EndpointId, TlsFiles};
 use std::path::{Path, PathBuf};
 
 /// Unit tests' scratch directories, removed when dropped.
@@ -47,7 +47,8 @@ pub(crate) fn config(toml: &str) -> Config {
     std::fs::write(&path, toml).expect("config file");
     let o = Overrides {
         endpoint_id: EndpointId::new("ep").expect("a valid id"),
-        broker_url: BrokerUrl::new("amqp://h/%2f").expect("a valid url"),
+        broker: BrokerSource::Url(BrokerUrl::new("amqp://h/%2f").expect("a valid url")),
+        tls: TlsFiles::default(),
         data_dir: Some(std::env::temp_dir()),
         workers: None,
         prefetch: None,

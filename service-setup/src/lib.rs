@@ -15,7 +15,7 @@ mod time;
 mod topology;
 
 pub use endpoint_wire::{AgentState, EndpointId, Heartbeat, Registration};
-pub use endpoint_wire::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL};
+pub use endpoint_wire::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL, Tls, TlsFiles};
 pub use error::SetupError;
 pub use results::{ResultRecord, ResultsQuery, read_results};
 pub use status::{EndpointStatus, Liveness, endpoint_status};

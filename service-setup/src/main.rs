@@ -6,7 +6,7 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use service_setup::{
     BrokerUrl, DEFAULT_BROKER_URL, EndpointId, ResultRecord, ResultsQuery, SetupError, Submitter,
-    TaskSpec,
+    TaskSpec, Tls, TlsFiles,
 };
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -59,6 +59,17 @@ struct Cli {
         value_name = "URL"
     )]
     broker_url: String,
+
+    /// PEM file of a CA to trust for amqps:// URLs besides the system's. The server's certificate and host
+    /// name are always verified; amqps:// never falls back to plaintext.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate for amqps:// (with --tls-key; for auth_mechanism=external).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -201,6 +212,18 @@ fn main() -> ExitCode {
         Ok(url) => url,
         Err(e) => {
             eprintln!("error: {e}: pass an amqp:// or amqps:// URL with --broker-url or AMQP_URL");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let tls = TlsFiles {
+        ca: cli.tls_ca.clone(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+    };
+    let url = match Tls::load(&tls) {
+        Ok(tls) => url.with_tls(tls),
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };

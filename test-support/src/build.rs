@@ -1,4 +1,4 @@
-//! The `endpoint-agent` binary the scenarios and the bench run as a child process: built with cargo (a no-op
+//! The binaries the scenarios and the bench run as child processes (`endpoint-agent`, `service-setup`): built with cargo (a no-op
 //! when it is fresh) in the profile asked for, and found in the workspace's target directory.
 
 use anyhow::{Context, Result, bail};
@@ -39,33 +39,31 @@ impl Profile {
 
 /// Builds `endpoint-agent` with cargo in `profile` and returns the binary's path.
 pub fn agent_binary(profile: Profile) -> Result<PathBuf> {
+    binary("endpoint-agent", "endpoint-agent", profile)
+}
+
+/// Builds binary `bin` of workspace package `package` with cargo in `profile` and returns its path.
+pub fn binary(package: &str, bin: &str, profile: Profile) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(&cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "endpoint-agent",
-        "--bin",
-        "endpoint-agent",
-    ])
-    .arg("--manifest-path")
-    .arg(workspace.join("Cargo.toml"));
+    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"));
     if profile == Profile::Release {
         cmd.arg("--release");
     }
     let status = cmd
         .status()
-        .with_context(|| format!("while running {cargo} build -p endpoint-agent"))?;
+        .with_context(|| format!("while running {cargo} build -p {package}"))?;
     if !status.success() {
-        bail!("cargo build -p endpoint-agent ({}) failed", profile.dir());
+        bail!("cargo build -p {package} ({}) failed", profile.dir());
     }
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => workspace.join("target"),
     };
-    let bin = target.join(profile.dir()).join("endpoint-agent");
+    let bin = target.join(profile.dir()).join(bin);
     if !bin.exists() {
         bail!("{} was not built", bin.display());
     }

@@ -112,6 +112,16 @@ pub fn agent_binary() -> PathBuf {
     .clone()
 }
 
+/// Path of the `service-setup` binary in the profile of this test run, built once per run.
+pub fn service_setup_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        build::binary("service-setup", "service-setup", Profile::of_current_exe())
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    })
+    .clone()
+}
+
 /// Options for one agent process.
 #[derive(Clone)]
 pub struct AgentOptions {
@@ -123,6 +133,10 @@ pub struct AgentOptions {
     pub config: String,
     /// Extra environment variables of the agent process.
     pub env: Vec<(String, String)>,
+    /// Extra arguments of `endpoint-agent start`.
+    pub args: Vec<String>,
+    /// Leave `AMQP_URL` unset (the URL comes from `args`, e.g. `--broker-url-file`).
+    pub no_url_env: bool,
 }
 
 impl AgentOptions {
@@ -135,6 +149,8 @@ impl AgentOptions {
             config: "reconnect_min_ms = 100\nreconnect_max_ms = 1000\ngrace_period_secs = 10\n"
                 .into(),
             env: Vec::new(),
+            args: Vec::new(),
+            no_url_env: false,
         }
     }
 }
@@ -154,24 +170,30 @@ impl Agent {
         let log = o
             .data_dir
             .with_extension(format!("log.{}", N.fetch_add(1, Ordering::Relaxed)));
-        let child = Command::new(agent_binary())
-            .args([
-                "start",
-                "--endpoint-id",
-                o.endpoint.as_str(),
-                "--workers",
-                &o.workers.to_string(),
-            ])
-            .arg("--data-dir")
-            .arg(&o.data_dir)
-            .arg("--config")
-            .arg(&config)
-            .env("AMQP_URL", &o.broker_url)
+        let mut cmd = Command::new(agent_binary());
+        cmd.args([
+            "start",
+            "--endpoint-id",
+            o.endpoint.as_str(),
+            "--workers",
+            &o.workers.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&o.data_dir)
+        .arg("--config")
+        .arg(&config)
+        .args(&o.args)
+        .env_remove("AMQP_URL")
+        .env_remove("AMQP_URL_FILE")
+        .env("RUST_LOG", "endpoint_agent=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+        if !o.no_url_env {
+            cmd.env("AMQP_URL", &o.broker_url);
+        }
+        let child = cmd
             .envs(o.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "endpoint_agent=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("cannot start endpoint-agent");
         Agent { child, log }
@@ -713,6 +735,24 @@ pub async fn close_agent_connections(ep: &EndpointId, kind: &str) -> usize {
         }
     }
     closed
+}
+
+/// The peer ports, as the broker sees them, of every connection of `ep`'s agent (named `endpoint-agent <ep> ...`).
+pub async fn agent_connection_ports(ep: &EndpointId) -> Vec<u16> {
+    let listing = rabbitmqctl_async(&[
+        "list_connections",
+        "--quiet",
+        "--no-table-headers",
+        "peer_port",
+        "client_properties",
+    ])
+    .await;
+    let wanted = format!("{{\"connection_name\",\"endpoint-agent {ep} ");
+    listing
+        .lines()
+        .filter(|line| line.contains(&wanted))
+        .filter_map(|line| line.split('\t').next()?.trim().parse().ok())
+        .collect()
 }
 
 /// A tiny tmpfs mounted at a directory (the agent's data dir), with a ballast file that fills it to simulate

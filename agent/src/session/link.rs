@@ -15,7 +15,7 @@ use crate::retry::Backoff;
 use crate::store::Store;
 use endpoint_wire::amqp::connect;
 use endpoint_wire::registration::{RegistrationError, fetch_registration};
-use endpoint_wire::{AgentState, BrokerError, Registration, now_rfc3339};
+use endpoint_wire::{AgentState, BrokerError, BrokerUrl, Registration, now_rfc3339};
 use futures_lite::StreamExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,12 +93,20 @@ impl Link {
             blocked,
         };
         loop {
+            // Read at every attempt: a URL file may have been rewritten (a rotated password).
+            let url = match config.broker_url() {
+                Ok(url) => url,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(error = %e, ?delay, "cannot read the broker URL; tasks on disk keep running; retrying");
+                    self.note(format!("disconnected since {}: {e}", now_rfc3339()))
+                        .await;
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
             let registered = async {
-                let conn = connect(
-                    &config.broker_url,
-                    &format!("endpoint-agent {ep} registration"),
-                )
-                .await?;
+                let conn = connect(&url, &format!("endpoint-agent {ep} registration")).await?;
                 let reg = fetch_registration(&conn, ep).await;
                 let _ = conn.close(200, "registered".into()).await;
                 reg
@@ -120,11 +128,11 @@ impl Link {
                 }
             };
             if !ever_registered {
-                tracing::info!(endpoint = %ep, heartbeat_secs = reg.heartbeat_secs, broker = %config.broker_url, "registered");
+                tracing::info!(endpoint = %ep, heartbeat_secs = reg.heartbeat_secs, broker = %url, "registered");
             }
             ever_registered = true;
             let started = std::time::Instant::now();
-            let end = self.session(&reg, &parts, &stop_intake, &drain).await;
+            let end = self.session(&url, &reg, &parts, &stop_intake, &drain).await;
             // A session that stayed up a while proves the path works: the next outage starts over from the
             // shortest delay instead of the longest one reached by earlier outages.
             if started.elapsed() >= STABLE_SESSION {
@@ -156,6 +164,7 @@ impl Link {
 
     async fn session(
         &self,
+        broker: &BrokerUrl,
         reg: &Registration,
         parts: &Parts,
         stop_intake: &CancellationToken,
@@ -168,10 +177,10 @@ impl Link {
             blocked,
         } = parts;
         let ep = &self.config.endpoint_id;
-        let url = self.config.broker_url.with_heartbeat(reg.heartbeat_secs);
+        let url = broker.with_heartbeat(reg.heartbeat_secs);
         let connected = async {
             let name = format!("endpoint-agent {ep} subscriber");
-            let sub = RawConnection::open(&self.config.broker_url, &name, reg.heartbeat_secs)
+            let sub = RawConnection::open(broker, &name, reg.heartbeat_secs)
                 .await
                 .map_err(|e| subscriber_failed("while connecting the subscriber", e))?;
             let publ = connect(&url, &format!("endpoint-agent {ep} publisher")).await?;
@@ -181,7 +190,7 @@ impl Link {
             Ok(c) => c,
             Err(e) => return SessionEnd::Failed(e),
         };
-        tracing::info!(broker = %self.config.broker_url, "connected");
+        tracing::info!(broker = %broker, tls = broker.is_tls(), "connected");
         self.note(format!("connected since {}", now_rfc3339()))
             .await;
         let sessions = self.sessions.fetch_add(1, Ordering::Relaxed);
