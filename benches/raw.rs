@@ -69,7 +69,8 @@ impl RawClient {
             .await
             .with_context(|| format!("while consuming {}", ep.tasks_queue()))?;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(ep, consume, publish, consumer, stop.clone()));
+        let user = url.parts().user;
+        let task = tokio::spawn(serve(ep, user, consume, publish, consumer, stop.clone()));
         Ok(RawClient {
             stop,
             task,
@@ -91,6 +92,7 @@ impl RawClient {
 
 async fn serve(
     ep: EndpointId,
+    user: String,
     consume: Channel,
     publish: Channel,
     mut consumer: lapin::Consumer,
@@ -123,7 +125,7 @@ async fn serve(
                     ..BasicPublishOptions::default()
                 },
                 &delivery.data,
-                result_properties(ep.as_str(), task_id.as_str()),
+                result_properties(ep.as_str(), task_id.as_str(), &user),
             )
             .await
             .context("while publishing a raw result")?;
@@ -181,7 +183,7 @@ async fn check(confirm: Option<PublisherConfirm>) -> Result<()> {
 
 /// The properties the agent's publisher puts on an `echo` result: `echo` has no exit code, runs once and takes
 /// well under a millisecond.
-fn result_properties(endpoint_id: &str, task_id: &str) -> BasicProperties {
+fn result_properties(endpoint_id: &str, task_id: &str, user: &str) -> BasicProperties {
     let echo = TaskResult {
         task_id: task_id.to_owned(),
         status: Status::Ok,
@@ -190,5 +192,5 @@ fn result_properties(endpoint_id: &str, task_id: &str) -> BasicProperties {
         duration_ms: 0,
         body: Vec::new(),
     };
-    endpoint_agent::result_properties(endpoint_id, &echo)
+    endpoint_agent::result_properties(endpoint_id, &echo, Some(user))
 }

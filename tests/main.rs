@@ -6,6 +6,7 @@ mod broker_faults;
 mod chaos;
 mod disk;
 mod faults;
+mod identity;
 mod isolation;
 mod lifecycle;
 mod raw_reader;

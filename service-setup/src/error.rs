@@ -45,6 +45,15 @@ pub enum SetupError {
     #[error("could not write results")]
     Output(#[source] std::io::Error),
 
+    #[error("the broker's management API failed {what}: {reason}")]
+    Management { what: String, reason: String },
+
+    #[error("cannot write the credentials file {path}: {err}")]
+    Credentials {
+        path: std::path::PathBuf,
+        err: std::io::Error,
+    },
+
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }

@@ -8,6 +8,7 @@
 mod amqp;
 mod base64;
 mod error;
+pub mod management;
 mod results;
 mod status;
 mod submit;
@@ -21,7 +22,7 @@ pub use results::{ResultRecord, ResultsQuery, read_results};
 pub use status::{EndpointStatus, Liveness, endpoint_status};
 pub use submit::{Submitter, TaskSpec, new_task_id};
 pub use time::rfc3339_utc;
-pub use topology::{Deprovisioned, deprovision, provision};
+pub use topology::{Deprovisioned, deprovision, endpoint_user_of, provision, provision_as};
 
 use std::time::Duration;
 

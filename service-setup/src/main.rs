@@ -4,6 +4,7 @@
 
 use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
+use service_setup::management::Management;
 use service_setup::{
     BrokerUrl, DEFAULT_BROKER_URL, EndpointId, ResultRecord, ResultsQuery, SetupError, Submitter,
     TaskSpec, Tls, TlsFiles,
@@ -83,10 +84,18 @@ enum Command {
     /// `<ID>.registration` and `<ID>.heartbeat` queues, and publishes a fresh registration (confirmed by the
     /// broker). Running it again with another --heartbeat changes the interval; a running agent picks the new
     /// registration up when it reconnects.
+    ///
+    /// With --credentials FILE the endpoint gets a broker user of its own, `endpoint-<ID>`, with a generated
+    /// password and only the rights its agent needs (consume its tasks, read its registration, publish its own
+    /// results and heartbeats), made through the RabbitMQ management API (the service's URL's user needs the
+    /// `administrator` tag); FILE (mode 0600) gets the URL the agent logs in with: start it with
+    /// `--broker-url-file FILE`. Running it again rotates the password.
     #[command(after_help = "\
 Examples:
   service-setup provision --endpoint-id demo
-  service-setup provision --endpoint-id demo --heartbeat 30 --json")]
+  service-setup provision --endpoint-id demo --heartbeat 30 --json
+  service-setup provision --endpoint-id demo --credentials demo.url
+  endpoint-agent start --endpoint-id demo --broker-url-file demo.url")]
     Provision {
         #[command(flatten)]
         endpoint: EndpointArg,
@@ -97,6 +106,11 @@ Examples:
         /// Print the registration written, as JSON, instead of a summary line.
         #[arg(long)]
         json: bool,
+        /// Create (or rotate) the endpoint's own broker user and write its agent's URL to FILE (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        credentials: Option<PathBuf>,
+        #[command(flatten)]
+        management: ManagementArg,
     },
 
     /// Delete an endpoint's queues (never the shared `results` queue or exchanges); safe to run again.
@@ -113,6 +127,8 @@ Examples:
         /// Delete the tasks queue even if tasks are still queued (they are lost).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        management: ManagementArg,
     },
 
     /// Queue tasks for an endpoint and print their ids, one per line, once the broker confirmed them.
@@ -195,6 +211,14 @@ Examples:
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ManagementArg {
+    /// The RabbitMQ management API, for endpoint users (`rabbitmq-plugins enable rabbitmq_management`).
+    #[arg(long, value_name = "URL", env = "RABBITMQ_MANAGEMENT_URL",
+          default_value = service_setup::management::DEFAULT_MANAGEMENT_URL)]
+    management_url: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -301,23 +325,45 @@ fn render(e: &anyhow::Error) -> String {
 async fn run(command: Command, url: BrokerUrl) -> anyhow::Result<()> {
     // The connect error already says what to check (credentials, or whether the broker runs).
     let conn = service_setup::connect(&url).await?;
-    let outcome = dispatch(command, &conn).await;
+    let outcome = dispatch(command, &conn, &url).await;
     if let Err(e) = conn.close(200, "OK".into()).await {
         tracing::debug!(error = %e, "closing the connection failed");
     }
     outcome
 }
 
-async fn dispatch(command: Command, conn: &lapin::Connection) -> anyhow::Result<()> {
+async fn dispatch(
+    command: Command,
+    conn: &lapin::Connection,
+    url: &BrokerUrl,
+) -> anyhow::Result<()> {
     match command {
         Command::Provision {
             endpoint: EndpointArg { endpoint_id: ep },
             heartbeat,
             json,
+            credentials,
+            management,
         } => {
-            let reg = service_setup::provision(conn, &ep, heartbeat)
-                .await
-                .with_context(|| format!("while provisioning endpoint {ep}"))?;
+            let reg = match &credentials {
+                None => service_setup::provision(conn, &ep, heartbeat).await,
+                Some(file) => {
+                    let api = Management::new(&management.management_url, url)?;
+                    let (user, password) =
+                        api.create_endpoint_user(&ep).await.with_context(|| {
+                            format!("while creating the broker user of endpoint {ep}")
+                        })?;
+                    let agent_url = service_setup::management::agent_url(url, &user, &password);
+                    service_setup::management::write_credentials(file, &agent_url).map_err(
+                        |err| SetupError::Credentials {
+                            path: file.clone(),
+                            err,
+                        },
+                    )?;
+                    service_setup::provision_as(conn, &ep, heartbeat, Some(user)).await
+                }
+            }
+            .with_context(|| format!("while provisioning endpoint {ep}"))?;
             if json {
                 let text =
                     serde_json::to_string(&reg).context("while encoding the registration")?;
@@ -329,15 +375,27 @@ async fn dispatch(command: Command, conn: &lapin::Connection) -> anyhow::Result<
                     reg.heartbeat_secs,
                     service_setup::rfc3339_utc(reg.provisioned_at_ms)
                 ))?;
+                if let (Some(file), Some(user)) = (&credentials, &reg.endpoint_user) {
+                    print_line(&format!(
+                        "broker user {user} made; its agent's URL is in {} (mode 0600): endpoint-agent start --endpoint-id {ep} --broker-url-file {}",
+                        file.display(),
+                        file.display()
+                    ))?;
+                }
             }
         }
         Command::Deprovision {
             endpoint: EndpointArg { endpoint_id: ep },
             force,
+            management,
         } => {
-            let done = service_setup::deprovision(conn, &ep, force)
+            let api = Management::new(&management.management_url, url).ok();
+            let done = service_setup::deprovision(conn, &ep, force, api.as_ref())
                 .await
                 .with_context(|| format!("while deprovisioning endpoint {ep}"))?;
+            if let Some(user) = &done.deleted_user {
+                print_line(&format!("deleted broker user {user}"))?;
+            }
             if done.deleted_queues.is_empty() {
                 print_line(&format!("endpoint {ep} had no queues: nothing to delete"))?;
             } else {

@@ -1,10 +1,14 @@
 //! Reading results from the shared `results` queue: parsing a delivery into a [`ResultRecord`] (tolerant of how
-//! other AMQP clients encode integers), rendering it as one JSON object, and a reader that acks a result only after
-//! the caller's sink has taken it. It must never ack a result it did not hand to the sink: results of other
-//! endpoints (or beyond `max`) stay unacked and go back to the queue when the reader's channel closes.
+//! other AMQP clients encode integers), checking who sent it, rendering it as one JSON object, and a reader that
+//! acks a result only after the caller's sink has taken it. The endpoint a result is for is its routing key's
+//! (`<EP>.results`, which the broker confines an endpoint's user to), never the header it claims; a result whose
+//! header or publishing user does not match is logged and dropped. It must never ack a genuine result it did not
+//! hand to the sink: results of other endpoints (or beyond `max`) stay unacked and go back to the queue when the
+//! reader's channel closes.
 
 use crate::amqp::{amqp_err, close_channel, declare_results, open_channel};
 use crate::error::SetupError;
+use crate::topology::endpoint_user_of;
 use endpoint_wire::{
     EndpointId, HEADER_ATTEMPTS, HEADER_DURATION_MS, HEADER_ENDPOINT_ID, HEADER_EXIT_CODE,
     HEADER_STATUS, RESULTS_QUEUE,
@@ -23,8 +27,13 @@ use std::time::Duration;
 pub struct ResultRecord {
     /// From `message_id`, falling back to `correlation_id`, else empty.
     pub task_id: String,
-    /// From the `endpoint_id` header, falling back to the routing key `<EP>.results`.
+    /// The endpoint of the routing key `<EP>.results` the result was published with (the broker lets an
+    /// endpoint's own user publish only its own); empty if the routing key is not one.
     pub endpoint_id: String,
+    /// The `endpoint_id` header: what the publisher claims.
+    pub claimed_endpoint_id: Option<String>,
+    /// The `user_id` property: the broker user that published it (the broker refuses any other).
+    pub user_id: Option<String>,
     /// `ok`, `failed`, `timeout` or `rejected` (kept as sent, so a newer agent's status is not lost).
     pub status: String,
     pub exit_code: Option<i64>,
@@ -47,18 +56,14 @@ impl ResultRecord {
             .or(props.correlation_id().as_ref())
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default();
-        let endpoint_id = header(HEADER_ENDPOINT_ID)
-            .and_then(string_value)
-            .or_else(|| {
-                d.routing_key
-                    .as_str()
-                    .strip_suffix(".results")
-                    .map(str::to_owned)
-            })
+        let endpoint_id = EndpointId::from_results_routing_key(d.routing_key.as_str())
+            .map(String::from)
             .unwrap_or_default();
         ResultRecord {
             task_id,
             endpoint_id,
+            claimed_endpoint_id: header(HEADER_ENDPOINT_ID).and_then(string_value),
+            user_id: props.user_id().as_ref().map(|u| u.as_str().to_owned()),
             status: header(HEADER_STATUS)
                 .and_then(string_value)
                 .unwrap_or_default(),
@@ -72,6 +77,32 @@ impl ResultRecord {
             body: d.data.clone(),
             redelivered: d.redelivered,
         }
+    }
+
+    /// Why this result must not be trusted, if so: it was not published with an endpoint's results routing key,
+    /// its header claims another endpoint, or (`endpoint_user`: the endpoint has a broker user of its own) it
+    /// was published by another user.
+    pub fn distrust(&self, endpoint_user: Option<&str>) -> Option<String> {
+        if self.endpoint_id.is_empty() {
+            return Some("it was not published with an `<endpoint>.results` routing key".into());
+        }
+        if let Some(claimed) = &self.claimed_endpoint_id
+            && claimed != &self.endpoint_id
+        {
+            return Some(format!(
+                "its header claims endpoint {claimed:?} but it was published for {:?}",
+                self.endpoint_id
+            ));
+        }
+        if let Some(user) = endpoint_user
+            && self.user_id.as_deref() != Some(user)
+        {
+            return Some(format!(
+                "it was published by user {:?}, not by the endpoint's user {user:?}",
+                self.user_id.as_deref().unwrap_or("(none)")
+            ));
+        }
+        None
     }
 
     /// `{"task_id", "endpoint_id", "status", "exit_code", "attempts", "duration_ms", "output"}`, with
@@ -178,6 +209,8 @@ where
         .map_err(amqp_err(format!("while consuming queue {RESULTS_QUEUE}")))?;
 
     let mut count = 0u64;
+    // The broker user each endpoint's registration names (None: the endpoint has no user of its own).
+    let mut users: std::collections::HashMap<String, Option<String>> = Default::default();
     let mut shutdown = std::pin::pin!(shutdown);
     let outcome = loop {
         let next = async {
@@ -208,6 +241,29 @@ where
             && record.endpoint_id != ep.as_str()
         {
             // Not ours: dropping the delivery leaves it unacked; it returns to the queue with the channel.
+            continue;
+        }
+        let user = match EndpointId::new(record.endpoint_id.as_str()) {
+            Ok(ep) => match users.get(ep.as_str()) {
+                Some(u) => u.clone(),
+                None => {
+                    let u = endpoint_user_of(conn, &ep).await?;
+                    users.insert(ep.to_string(), u.clone());
+                    u
+                }
+            },
+            Err(_) => None,
+        };
+        if let Some(why) = record.distrust(user.as_deref()) {
+            tracing::warn!(
+                task_id = %record.task_id,
+                routing_key = %delivery.routing_key,
+                user_id = ?record.user_id,
+                "dropped a result that cannot be trusted: {why}"
+            );
+            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                break Err(amqp_err("while dropping an untrusted result")(e));
+            }
             continue;
         }
         if let Err(e) = sink(&record) {
@@ -279,13 +335,54 @@ mod tests {
                 duration_ms: Some(12),
                 body: b"hello".to_vec(),
                 redelivered: false,
+                claimed_endpoint_id: Some("ep".into()),
+                user_id: None,
             }
         );
+        assert_eq!(r.distrust(None), None);
+        assert!(r.distrust(Some("endpoint-ep")).is_some(), "no user_id");
         assert_eq!(
             r.to_json(),
             json!({"task_id": "t1", "endpoint_id": "ep", "status": "ok", "exit_code": 0, "attempts": 1,
                    "duration_ms": 12, "output": "hello"})
         );
+    }
+
+    #[test]
+    fn results_are_trusted_by_routing_key_and_user() {
+        let props = |claims: &str, user: &str| {
+            BasicProperties::default()
+                .with_message_id("t".into())
+                .with_user_id(user.into())
+                .with_headers(headers(&[(
+                    "endpoint_id",
+                    AMQPValue::LongString(LongString::from(claims)),
+                )]))
+        };
+        let good =
+            ResultRecord::from_delivery(&delivery("b.results", props("b", "endpoint-b"), b""));
+        assert_eq!(good.endpoint_id, "b");
+        assert_eq!(good.distrust(Some("endpoint-b")), None);
+        // Sent by A for A's routing key, claiming B: for B it is not (routing key), for A it is forged.
+        let forged =
+            ResultRecord::from_delivery(&delivery("a.results", props("b", "endpoint-a"), b""));
+        assert_eq!(forged.endpoint_id, "a");
+        assert!(
+            forged
+                .distrust(Some("endpoint-a"))
+                .unwrap()
+                .contains("claims endpoint")
+        );
+        let other_user =
+            ResultRecord::from_delivery(&delivery("b.results", props("b", "endpoint-a"), b""));
+        assert!(
+            other_user
+                .distrust(Some("endpoint-b"))
+                .unwrap()
+                .contains("endpoint-a")
+        );
+        let no_key = ResultRecord::from_delivery(&delivery("b", props("b", "endpoint-b"), b""));
+        assert!(no_key.distrust(None).is_some());
     }
 
     #[test]
@@ -316,7 +413,7 @@ mod tests {
             ]));
         let r = ResultRecord::from_delivery(&delivery("ep2.results", props, &[0xff, 0x00]));
         assert_eq!(r.task_id, "t2");
-        assert_eq!(r.endpoint_id, "ep2");
+        assert_eq!(r.endpoint_id, "ep2", "from the routing key");
         assert_eq!(r.status, "failed");
         assert_eq!(r.exit_code, None);
         assert_eq!(r.attempts, None, "a negative count is not a count");

@@ -1,15 +1,20 @@
 //! Provisioning and deprovisioning one endpoint: declaring its queues and bindings (plus the shared exchanges and
-//! results queue) and publishing its registration, or deleting its own queues. Both are idempotent. This module
-//! must never delete anything shared by all endpoints (the `tasks` and `results` exchanges, the `results` queue)
-//! and must not drop queued tasks unless the caller forces it.
+//! results queue) and publishing its registration, or deleting its own queues (and its broker user, if it has
+//! one). Both are idempotent. This module must never delete anything shared by all endpoints (the `tasks`,
+//! `results` and `heartbeats` exchanges, the `results` queue) and must not drop queued tasks unless the caller
+//! forces it.
 
 use crate::amqp::{
-    amqp_err, bind, close_channel, declare_queue, declare_results, declare_tasks_exchange,
-    latest_only_queue_args, open_channel, tasks_queue_args,
+    amqp_err, bind, close_channel, declare_exchange, declare_queue, declare_results,
+    declare_tasks_exchange, latest_only_queue_args, open_channel, tasks_queue_args,
 };
 use crate::error::{SetupError, soft_error};
-use endpoint_wire::amqp::queue_info;
-use endpoint_wire::{EndpointId, Registration, TASKS_EXCHANGE, now_ms};
+use crate::management::Management;
+use endpoint_wire::amqp::{peek_all, queue_info};
+use endpoint_wire::{
+    EndpointId, HEARTBEATS_EXCHANGE, PROTOCOL_VERSION, Registration, TASKS_EXCHANGE, now_ms,
+};
+use lapin::ExchangeKind;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::protocol::AMQPSoftError;
 use lapin::{BasicProperties, Confirmation, Connection};
@@ -18,11 +23,24 @@ use lapin::{BasicProperties, Confirmation, Connection};
 pub const HEARTBEAT_SECS_RANGE: std::ops::RangeInclusive<u16> = 1..=3600;
 
 /// Declares everything endpoint `ep` needs and publishes a fresh [`Registration`] (confirmed by the broker).
-/// Safe to run again: the topology is re-declared as is and the new registration replaces the old one.
+/// Safe to run again: the topology is re-declared as is and the new registration replaces the old one, keeping
+/// the endpoint's broker user if the old one named one.
 pub async fn provision(
     conn: &Connection,
     ep: &EndpointId,
     heartbeat_secs: u16,
+) -> Result<Registration, SetupError> {
+    let user = endpoint_user_of(conn, ep).await?;
+    provision_as(conn, ep, heartbeat_secs, user).await
+}
+
+/// [`provision`] naming `endpoint_user` as the broker user the endpoint's agent logs in as (results for the
+/// endpoint are then accepted only from that user); see [`Management::create_endpoint_user`].
+pub async fn provision_as(
+    conn: &Connection,
+    ep: &EndpointId,
+    heartbeat_secs: u16,
+    endpoint_user: Option<String>,
 ) -> Result<Registration, SetupError> {
     if !HEARTBEAT_SECS_RANGE.contains(&heartbeat_secs) {
         return Err(SetupError::InvalidArgument(format!(
@@ -38,9 +56,19 @@ pub async fn provision(
     bind(&channel, &tasks, TASKS_EXCHANGE, &tasks).await?;
     let registration_queue = ep.registration_queue();
     declare_queue(&channel, &registration_queue, latest_only_queue_args()).await?;
-    declare_queue(&channel, &ep.heartbeat_queue(), latest_only_queue_args()).await?;
+    declare_exchange(&channel, HEARTBEATS_EXCHANGE, ExchangeKind::Topic).await?;
+    let heartbeat_queue = ep.heartbeat_queue();
+    declare_queue(&channel, &heartbeat_queue, latest_only_queue_args()).await?;
+    bind(
+        &channel,
+        &heartbeat_queue,
+        HEARTBEATS_EXCHANGE,
+        &ep.heartbeat_routing_key(),
+    )
+    .await?;
 
-    let registration = Registration::new(ep.clone(), heartbeat_secs, now_ms());
+    let mut registration = Registration::new(ep.clone(), heartbeat_secs, now_ms());
+    registration.endpoint_user = endpoint_user;
     let body = serde_json::to_vec(&registration).expect("a Registration always serializes to JSON");
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -94,21 +122,62 @@ pub struct Deprovisioned {
     pub deleted_queues: Vec<String>,
     /// Tasks that were still queued and are gone (only non-zero with `force`).
     pub dropped_tasks: u32,
+    /// The endpoint's broker user, deleted.
+    pub deleted_user: Option<String>,
+}
+
+/// The broker user `ep`'s registration names, if it can be read and names one.
+pub async fn endpoint_user_of(
+    conn: &Connection,
+    ep: &EndpointId,
+) -> Result<Option<String>, SetupError> {
+    let Some(bodies) = peek_all(conn, &ep.registration_queue()).await? else {
+        return Ok(None);
+    };
+    Ok(bodies
+        .iter()
+        .filter_map(|b| serde_json::from_slice::<Registration>(b).ok())
+        .filter(|r| r.protocol_version == PROTOCOL_VERSION && &r.endpoint_id == ep)
+        .max_by_key(|r| r.provisioned_at_ms)
+        .and_then(|r| r.endpoint_user))
 }
 
 /// Deletes the queues of endpoint `ep`: the tasks queue first, and only if it is empty unless `force`, so a refusal
-/// leaves the endpoint fully provisioned. Queues that do not exist are skipped, so running it twice is fine.
+/// leaves the endpoint fully provisioned. Queues that do not exist are skipped, so running it twice is fine. When
+/// the registration names a broker user of the endpoint, `management` deletes it first (before any queue, so a
+/// failure leaves the endpoint as it was).
 pub async fn deprovision(
     conn: &Connection,
     ep: &EndpointId,
     force: bool,
+    management: Option<&Management>,
 ) -> Result<Deprovisioned, SetupError> {
     let mut done = Deprovisioned {
         endpoint_id: ep.clone(),
         deleted_queues: Vec::new(),
         dropped_tasks: 0,
+        deleted_user: None,
     };
     let tasks = ep.tasks_queue();
+    if !force
+        && let Some(q) = queue_info(conn, &tasks).await?
+        && q.message_count() > 0
+    {
+        return Err(SetupError::TasksQueued {
+            endpoint: ep.clone(),
+            queue: tasks,
+            count: q.message_count(),
+        });
+    }
+    if let Some(user) = endpoint_user_of(conn, ep).await? {
+        let Some(management) = management else {
+            return Err(SetupError::InvalidArgument(format!(
+                "endpoint {ep} has a broker user of its own ({user}): deprovision needs the management API to delete it"
+            )));
+        };
+        management.delete_user(&user).await?;
+        done.deleted_user = Some(user);
+    }
     if queue_info(conn, &tasks).await?.is_some() {
         match delete_queue(conn, &tasks, !force).await {
             Ok(n) => {

@@ -28,8 +28,32 @@ fn vhost() -> &'static Vhost {
     static VHOST: OnceLock<Vhost> = OnceLock::new();
     VHOST.get_or_init(|| {
         let addr = BrokerAddr::from_env().unwrap_or_else(|e| panic!("{e:#}"));
-        Vhost::create("ea-test", addr).unwrap_or_else(|e| panic!("{e:#}"))
+        let vhost = Vhost::create("ea-test", addr).unwrap_or_else(|e| panic!("{e:#}"));
+        delete_leftover_endpoint_users();
+        vhost
     })
+}
+
+/// Deletes the broker users `endpoint-<name>-<pid>-<n>` of test endpoints whose test process is gone (a failed
+/// run leaves them; vhosts go with their own clean-up, users do not).
+fn delete_leftover_endpoint_users() {
+    let Ok(listed) = broker::rabbitmqctl(&["list_users", "--quiet", "--no-table-headers"]) else {
+        return;
+    };
+    for name in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix("endpoint-") else {
+            continue;
+        };
+        let pid = rest
+            .rsplit('-')
+            .nth(1)
+            .filter(|p| p.chars().all(|c| c.is_ascii_digit()));
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = broker::rabbitmqctl(&["delete_user", name]);
+        }
+    }
 }
 
 /// The broker address (host:port) the proxy forwards to.

@@ -13,6 +13,9 @@ pub const RESULTS_EXCHANGE: &str = "results";
 pub const RESULTS_QUEUE: &str = "results";
 /// Binding of [`RESULTS_QUEUE`]: one word (the endpoint id) followed by `.results`.
 pub const RESULTS_BINDING: &str = "*.results";
+/// Durable topic exchange heartbeats are published to, with routing key `<EP>.heartbeat` (a topic exchange,
+/// so a broker user of one endpoint can be confined to its own routing key).
+pub const HEARTBEATS_EXCHANGE: &str = "heartbeats";
 
 /// Task header: a per-task timeout in milliseconds (an integer); it can only shorten the function's own.
 pub const HEADER_TIMEOUT_MS: &str = "x-timeout-ms";
@@ -90,6 +93,16 @@ impl EndpointId {
     /// Max-length-1 queue holding the latest [`Heartbeat`] of this endpoint.
     pub fn heartbeat_queue(&self) -> String {
         format!("{}.heartbeat", self.0)
+    }
+
+    /// Routing key of this endpoint's heartbeats on [`HEARTBEATS_EXCHANGE`] (the heartbeat queue's binding).
+    pub fn heartbeat_routing_key(&self) -> String {
+        self.heartbeat_queue()
+    }
+
+    /// The endpoint id a results routing key `<EP>.results` names, if it is one.
+    pub fn from_results_routing_key(key: &str) -> Option<EndpointId> {
+        EndpointId::new(key.strip_suffix(".results")?).ok()
     }
 }
 

@@ -1,13 +1,14 @@
 //! The versioned JSON payloads of the contract (the service's [`Registration`], the agent's [`Heartbeat`]), the
 //! agent states a heartbeat reports, and the [`Status`] a result carries. Data only: no I/O.
 
-use crate::names::{EndpointId, RESULTS_EXCHANGE, TASKS_EXCHANGE};
+use crate::names::{EndpointId, HEARTBEATS_EXCHANGE, RESULTS_EXCHANGE, TASKS_EXCHANGE};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of the wire contract. Bumped on any incompatible change; the agent refuses a registration whose
-/// version it does not speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// version it does not speak. 2: heartbeats go through the `heartbeats` topic exchange (not the default
+/// exchange), results carry the publisher's `user_id`, the registration names the endpoint's broker user.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Outcome of a task as carried in the `status` header of its result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -62,7 +63,13 @@ pub struct Registration {
     pub tasks_queue: String,
     pub results_exchange: String,
     pub results_routing_key: String,
+    pub heartbeat_exchange: String,
     pub heartbeat_queue: String,
+    /// The broker user the endpoint's agent logs in as, when it has one of its own
+    /// (`service-setup provision --credentials`): results for the endpoint are accepted only with this
+    /// `user_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_user: Option<String>,
     /// Milliseconds since the Unix epoch when this registration was written.
     pub provisioned_at_ms: u64,
 }
@@ -75,7 +82,9 @@ impl Registration {
             tasks_queue: endpoint_id.tasks_queue(),
             results_exchange: RESULTS_EXCHANGE.to_owned(),
             results_routing_key: endpoint_id.results_routing_key(),
+            heartbeat_exchange: HEARTBEATS_EXCHANGE.to_owned(),
             heartbeat_queue: endpoint_id.heartbeat_queue(),
+            endpoint_user: None,
             endpoint_id,
             heartbeat_secs,
             provisioned_at_ms: now_ms,

@@ -72,11 +72,20 @@ fn newest_registration(
 }
 
 fn parse_registration(ep: &EndpointId, body: &[u8]) -> Result<Registration, RegistrationError> {
-    let reg: Registration = serde_json::from_slice(body)
-        .map_err(|e| RegistrationError::Invalid(ep.clone(), e.to_string()))?;
-    if reg.protocol_version != PROTOCOL_VERSION {
-        return Err(RegistrationError::Version(ep.clone(), reg.protocol_version));
+    // The version first: a registration of another version may not have this version's fields.
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        protocol_version: u32,
     }
+    let invalid = |e: serde_json::Error| RegistrationError::Invalid(ep.clone(), e.to_string());
+    let versioned: Versioned = serde_json::from_slice(body).map_err(invalid)?;
+    if versioned.protocol_version != PROTOCOL_VERSION {
+        return Err(RegistrationError::Version(
+            ep.clone(),
+            versioned.protocol_version,
+        ));
+    }
+    let reg: Registration = serde_json::from_slice(body).map_err(invalid)?;
     if &reg.endpoint_id != ep {
         return Err(RegistrationError::Invalid(
             ep.clone(),
@@ -123,12 +132,16 @@ mod tests {
             parse_registration(&ep, b"{"),
             Err(RegistrationError::Invalid(..))
         ));
-        let mut v2 = Registration::new(ep.clone(), 5, 1);
-        v2.protocol_version = 2;
-        let v2 = serde_json::to_vec(&v2).unwrap();
+        let mut other_version = Registration::new(ep.clone(), 5, 1);
+        other_version.protocol_version = PROTOCOL_VERSION + 1;
+        let other_version = serde_json::to_vec(&other_version).unwrap();
         assert!(matches!(
-            parse_registration(&ep, &v2),
+            parse_registration(&ep, &other_version),
             Err(RegistrationError::Version(..))
         ));
+        // A version-1 registration (heartbeats through the default exchange) is refused with the fix.
+        let v1 = br#"{"protocol_version":1,"endpoint_id":"ep","heartbeat_secs":5,"tasks_exchange":"tasks","tasks_queue":"ep.tasks","results_exchange":"results","results_routing_key":"ep.results","heartbeat_queue":"ep.heartbeat","provisioned_at_ms":1}"#;
+        let err = parse_registration(&ep, v1).unwrap_err();
+        assert!(err.to_string().contains("re-provision"), "{err}");
     }
 }

@@ -105,6 +105,12 @@ impl Tls {
         Ok(tls)
     }
 
+    /// The private CA's certificates (PEM), if one was given: for other clients of the same broker (its
+    /// management API).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
     /// The configuration lapin connects with.
     pub fn lapin(&self) -> lapin::tcp::OwnedTLSConfig {
         lapin::tcp::OwnedTLSConfig {

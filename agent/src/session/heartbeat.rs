@@ -1,5 +1,6 @@
-//! The heartbeat ticker: every interval the registration sets, the agent's state and counts go to the endpoint's
-//! max-length-1 `<EP>.heartbeat` queue (unconfirmed: the next beat supersedes a lost one), and a confirmed
+//! The heartbeat ticker: every interval the registration sets, the agent's state and counts go to the
+//! `heartbeats` exchange with routing key `<EP>.heartbeat`, bound to the endpoint's max-length-1 queue of that
+//! name (unconfirmed: the next beat supersedes a lost one), and a confirmed
 //! `stopped` beat ends a clean stop. `service-setup status` judges liveness from them.
 
 use super::publisher::confirm_channel;
@@ -81,11 +82,11 @@ impl Heartbeats {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let body = serde_json::to_vec(&beat).expect("a heartbeat always serializes");
-        let queue = self.config.endpoint_id.heartbeat_queue();
+        let key = self.config.endpoint_id.heartbeat_routing_key();
         channel
             .basic_publish(
-                "".into(),
-                queue.as_str().into(),
+                wire::HEARTBEATS_EXCHANGE.into(),
+                key.as_str().into(),
                 BasicPublishOptions::default(),
                 &body,
                 BasicProperties::default()

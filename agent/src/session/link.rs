@@ -178,6 +178,9 @@ impl Link {
         } = parts;
         let ep = &self.config.endpoint_id;
         let url = broker.with_heartbeat(reg.heartbeat_secs);
+        // Results say who sent them; with EXTERNAL the user is the certificate's, which the URL does not name.
+        let login = broker.parts();
+        let user_id = (!login.external).then_some(login.user);
         let connected = async {
             let name = format!("endpoint-agent {ep} subscriber");
             let sub = RawConnection::open(broker, &name, reg.heartbeat_secs)
@@ -242,7 +245,7 @@ impl Link {
             e = intake => SessionEnd::Failed(e),
             e = watchdog => SessionEnd::Failed(e),
             r = heartbeats.ticker(&pub_conn, interval) => SessionEnd::Failed(r.err().unwrap_or_else(|| BrokerError::Lost("the heartbeat ticker stopped".into()))),
-            r = publisher.run(&pub_conn, drain) => match r {
+            r = publisher.run(&pub_conn, user_id.as_deref(), drain) => match r {
                 Ok(()) => SessionEnd::Drained,
                 Err(e) => SessionEnd::Failed(e),
             },

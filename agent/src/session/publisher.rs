@@ -57,6 +57,7 @@ impl Publisher {
     pub async fn run(
         &self,
         conn: &Connection,
+        user_id: Option<&str>,
         drain: &CancellationToken,
     ) -> Result<(), BrokerError> {
         let channel = confirm_channel(conn, "publisher").await?;
@@ -117,7 +118,7 @@ impl Publisher {
                     drained = false;
                 }
                 for (id, r) in pending {
-                    let confirm = self.publish_result(&channel, &r).await?;
+                    let confirm = self.publish_result(&channel, &r, user_id).await?;
                     in_flight.push_back(InFlight {
                         id,
                         task_id: r.task_id,
@@ -198,6 +199,7 @@ impl Publisher {
         &self,
         channel: &Channel,
         r: &TaskResult,
+        user_id: Option<&str>,
     ) -> Result<PublisherConfirm, BrokerError> {
         let ep = &self.config.endpoint_id;
         channel
@@ -209,7 +211,7 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 &r.body,
-                result_properties(ep.as_str(), r),
+                result_properties(ep.as_str(), r, user_id),
             )
             .await
             .map_err(|e| BrokerError::amqp("while publishing results", e))
@@ -275,8 +277,13 @@ fn start_marking(store: &Store, ids: Vec<i64>) -> Marking {
 }
 
 /// The AMQP properties of a result as the agent publishes it (docs/protocol.md); public so that the benchmark's
-/// raw client publishes exactly the same.
-pub fn result_properties(endpoint_id: &str, r: &TaskResult) -> BasicProperties {
+/// raw client publishes exactly the same. `user_id` is the broker user the publisher logged in as (the broker
+/// refuses any other), so the service can tell which endpoint user sent it.
+pub fn result_properties(
+    endpoint_id: &str,
+    r: &TaskResult,
+    user_id: Option<&str>,
+) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         wire::HEADER_ENDPOINT_ID.into(),
@@ -297,7 +304,12 @@ pub fn result_properties(endpoint_id: &str, r: &TaskResult) -> BasicProperties {
         wire::HEADER_DURATION_MS.into(),
         AMQPValue::LongLongInt(i64::try_from(r.duration_ms).unwrap_or(i64::MAX)),
     );
-    BasicProperties::default()
+    let props = BasicProperties::default();
+    let props = match user_id {
+        Some(user) => props.with_user_id(user.into()),
+        None => props,
+    };
+    props
         .with_message_id(r.task_id.as_str().into())
         .with_correlation_id(r.task_id.as_str().into())
         .with_delivery_mode(2)
