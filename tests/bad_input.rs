@@ -308,3 +308,76 @@ async fn publish_task(channel: &lapin::Channel, key: &str, props: BasicPropertie
         .await
         .expect("confirm");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sizes_do_not_fill_memory() {
+    const TASKS: usize = 256;
+    const BODY: usize = 8 << 20;
+    let ep = unique_endpoint("huge");
+    let dir = TempDir::new("huge");
+    let mut service = Service::provision(&ep, 2).await;
+    // Queued before the agent starts, so the broker delivers them at once, up to the prefetch (256).
+    let channel = service.conn.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = vec![b'x'; BODY];
+    let run = endpoint_wire::now_ms();
+    let ids: Vec<String> = (0..TASKS).map(|i| format!("huge-{i}-{run}")).collect();
+    let key = ep.tasks_queue();
+    let mut pending = std::collections::VecDeque::new();
+    for id in &ids {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.as_str().into())
+            .with_type("echo".into());
+        let confirm = channel
+            .basic_publish(
+                endpoint_wire::TASKS_EXCHANGE.into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+            .expect("publish");
+        pending.push_back(confirm);
+        // A few in flight at a time: the test itself need not hold 2 GiB.
+        if pending.len() >= 4 {
+            pending.pop_front().expect("one").await.expect("confirm");
+        }
+    }
+    for confirm in pending {
+        confirm.await.expect("confirm");
+    }
+    drop(body);
+    let mut opts = AgentOptions::new(&ep, &dir.0.join("data"));
+    opts.config.push_str("max_body_bytes = 1048576\n");
+    let agent = Agent::start(&opts);
+    service
+        .await_results(&ids, Duration::from_secs(240), &[&agent])
+        .await;
+    for id in &ids {
+        let r = service.result(id);
+        assert_eq!(r.status, "rejected", "{id}");
+        assert!(
+            String::from_utf8_lossy(&r.body)
+                .contains("8388608 bytes, over this endpoint's max_body_bytes of 1048576"),
+            "{id}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let peak = agent.peak_rss_mib();
+    eprintln!(
+        "agent peak RSS after {TASKS} deliveries of {} MiB: {peak:.1} MiB",
+        BODY >> 20
+    );
+    assert!(peak < 200.0, "the agent's peak RSS was {peak:.1} MiB");
+    let good = service.submit(vec![echo("after the flood")]).await;
+    service
+        .await_results(&good, Duration::from_secs(60), &[&agent])
+        .await;
+    assert_eq!(service.result(&good[0]).status, "ok");
+    agent.terminate(Duration::from_secs(30));
+}

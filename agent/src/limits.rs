@@ -61,6 +61,10 @@ pub const SHORT_TASK: Duration = Duration::from_millis(1);
 /// Results of a claimed batch are stored once the oldest waited this long, even while the batch goes on, so a
 /// batch does not hold finished results back from the publisher.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(2);
+/// Results of a claimed batch are stored once they hold this many bytes, so what a slot keeps in memory while
+/// the disk is full (its commit retried, nothing more run) is at most this plus one result (up to the
+/// function's `max_output_bytes`).
+pub const FLUSH_BYTES: usize = 1 << 20;
 /// How much of a failed command's stderr its result keeps: enough for a traceback's end.
 pub const STDERR_TAIL_BYTES: usize = 4096;
 /// How long a command's stderr may still be read after it exited (a grandchild may hold the pipe open).

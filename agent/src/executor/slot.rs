@@ -5,7 +5,7 @@
 use super::{Outcome, Sandbox, execute};
 use crate::claim::{RunTimes, Want};
 use crate::config::Config;
-use crate::limits::{FLUSH_AFTER, STORE_RETRY_MAX, STORE_RETRY_MIN};
+use crate::limits::{FLUSH_AFTER, FLUSH_BYTES, STORE_RETRY_MAX, STORE_RETRY_MIN};
 use crate::retry::{self, Backoff};
 use crate::store::Store;
 use crate::task::{ClaimedTask, TaskResult};
@@ -37,7 +37,9 @@ pub(crate) async fn worker(
     let mut retry = Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
     loop {
         let stopping = stop.is_cancelled();
-        let flush_due = unsaved_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER);
+        let unsaved_bytes: usize = unsaved.iter().map(|r| r.body.len()).sum();
+        let flush_due = unsaved_since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER)
+            || unsaved_bytes >= FLUSH_BYTES;
         if claimed.is_empty() || flush_due || stopping {
             let want: Want = if claimed.is_empty() && !stopping {
                 run_times.want()
