@@ -39,7 +39,12 @@ pub const FILE_MODE: u32 = 0o600;
 /// tightens the permissions of what is in it.
 pub fn lock_data_dir(dir: &Path) -> Result<DirLock, LockError> {
     let io = |e| LockError::Io(dir.to_owned(), e);
+    let existed = dir.exists();
     std::fs::create_dir_all(dir).map_err(io)?;
+    if !existed {
+        // Made just now with the umask's bits: private from the start, nothing to report.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io)?;
+    }
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
         .read(true)
