@@ -36,11 +36,11 @@ impl Running {
         }
     }
 
-    /// Kills what is left and removes the cgroup and the working directory.
-    async fn finish(self) {
+    /// Kills what is left and removes the cgroup and the working directory (in the background).
+    fn finish(self) {
         sys::kill_group(self.pgid);
         if let Some(cg) = self.cgroup {
-            cg.finish().await;
+            cg.finish();
         }
     }
 }
@@ -126,7 +126,7 @@ pub(super) async fn run_command(
         Ok(c) => c,
         Err(e) => {
             if let Some(cg) = cgroup {
-                cg.finish().await;
+                cg.finish();
             }
             return cannot_start(e);
         }
@@ -137,7 +137,7 @@ pub(super) async fn run_command(
         _dir: fresh,
     };
     let outcome = supervise(&mut child, &running, spec, task, timeout, kill, started).await;
-    running.finish().await;
+    running.finish();
     outcome
 }
 

@@ -133,19 +133,25 @@ impl TaskCgroup {
         }
     }
 
-    /// Kills what is left and removes the cgroup once it is empty (waiting a little, off the runtime).
-    pub(crate) async fn finish(self) {
+    /// Kills what is left and removes the cgroup once it is empty, in the background: the task's result does
+    /// not wait for the kernel to reap its processes.
+    pub(crate) fn finish(self) {
         self.kill();
         let path = self.0.clone();
-        let _ = tokio::task::spawn_blocking(move || {
+        let remove = move || {
             let deadline = std::time::Instant::now() + CGROUP_EMPTY_WAIT;
             while populated(&path) && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
             // Not empty yet: left for the sandbox's drop at the agent's stop.
             let _ = std::fs::remove_dir(&path);
-        })
-        .await;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(remove);
+            }
+            Err(_) => remove(),
+        }
     }
 }
 
