@@ -9,6 +9,7 @@ mod faults;
 mod identity;
 mod isolation;
 mod lifecycle;
+mod pool;
 mod raw_reader;
 mod roundtrip;
 mod tls;

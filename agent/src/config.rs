@@ -54,6 +54,32 @@ pub enum Function {
     /// Sleeps for the payload's number of milliseconds, returns nothing.
     Sleep,
     Command(Box<CommandSpec>),
+    /// Long-lived workers speaking the worker protocol (docs/worker-protocol.md).
+    Pool(Box<PoolSpec>),
+}
+
+/// A function served by persistent workers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSpec {
+    /// Workers the agent starts from `command` (0: only external workers serve the function).
+    pub size: usize,
+    /// How a worker is started, isolated like a command (`program` empty when `size` is 0); its `timeout` and
+    /// `max_output_bytes` apply to each task.
+    pub command: CommandSpec,
+    /// A worker is replaced after this many tasks.
+    pub max_tasks_per_worker: Option<u64>,
+    /// A worker whose resident memory is above this after a task is replaced.
+    pub max_worker_memory_bytes: Option<u64>,
+}
+
+impl Function {
+    /// Workers the agent starts for this function.
+    pub fn pool_size(&self) -> usize {
+        match self {
+            Function::Pool(p) => p.size,
+            _ => 0,
+        }
+    }
 }
 
 /// A function that runs a program (no shell): payload on stdin, stdout is the result.
@@ -124,7 +150,13 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileFunction {
     /// Program and arguments, e.g. `["wc", "-c"]`.
+    #[serde(default)]
     command: Vec<String>,
+    /// Run the command as this many long-lived workers (the worker protocol) instead of once per task; 0:
+    /// only workers the agent did not start serve it.
+    pool: Option<usize>,
+    max_tasks_per_worker: Option<u64>,
+    max_worker_memory_bytes: Option<u64>,
     timeout_secs: Option<u64>,
     max_output_bytes: Option<usize>,
     #[serde(default)]
@@ -175,7 +207,12 @@ impl Config {
             Some(d) => d,
             None => default_data_dir(&o.endpoint_id),
         };
-        let default_workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let functions = functions(f.functions)?;
+        // Every pool worker can be busy at once only with a slot each.
+        let pool_workers: usize = functions.values().map(Function::pool_size).sum();
+        let default_workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(pool_workers);
         let workers = o.workers.or(f.workers).unwrap_or(default_workers);
         let prefetch = o.prefetch.or(f.prefetch).unwrap_or(DEFAULT_PREFETCH);
         let reconnect_min = f
@@ -209,7 +246,7 @@ impl Config {
                 f.builtin_timeout_secs
                     .unwrap_or(DEFAULT_FUNCTION_TIMEOUT_SECS),
             ),
-            functions: functions(f.functions)?,
+            functions,
         };
         config.validate()?;
         Ok(config)
@@ -277,11 +314,26 @@ fn functions(
             )));
         }
         let mut words = f.command.into_iter();
-        let Some(program) = words.next().filter(|p| !p.is_empty()) else {
+        let program = words.next().unwrap_or_default();
+        let external_only = f.pool == Some(0);
+        if program.is_empty() && !external_only {
             return Err(ConfigError::Invalid(format!(
-                "function {name:?} has an empty command: give the program and its arguments, e.g. command = [\"wc\", \"-c\"]"
+                "function {name:?} has an empty command: give the program and its arguments, e.g. command = [\"wc\", \"-c\"] (or pool = 0 for a function only external workers serve)"
             )));
-        };
+        }
+        if f.pool.is_none()
+            && (f.max_tasks_per_worker.is_some() || f.max_worker_memory_bytes.is_some())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "function {name:?} sets max_tasks_per_worker or max_worker_memory_bytes without pool: they apply to pool workers"
+            )));
+        }
+        if f.pool.is_some_and(|n| n > MAX_WORKERS) {
+            return Err(ConfigError::Invalid(format!(
+                "function {name:?} has pool = {}: use 0 to {MAX_WORKERS}",
+                f.pool.unwrap_or_default()
+            )));
+        }
         let timeout = Duration::from_secs(f.timeout_secs.unwrap_or(DEFAULT_FUNCTION_TIMEOUT_SECS));
         if timeout.is_zero() {
             return Err(ConfigError::Invalid(format!(
@@ -339,7 +391,19 @@ fn functions(
             limits,
             no_new_privileges: f.no_new_privileges.unwrap_or(true),
         };
-        out.insert(name, Function::Command(Box::new(spec)));
+        let function = match f.pool {
+            None => Function::Command(Box::new(spec)),
+            Some(size) => Function::Pool(Box::new(PoolSpec {
+                size,
+                command: spec,
+                max_tasks_per_worker: positive("max_tasks_per_worker", f.max_tasks_per_worker)?,
+                max_worker_memory_bytes: positive(
+                    "max_worker_memory_bytes",
+                    f.max_worker_memory_bytes,
+                )?,
+            })),
+        };
+        out.insert(name, function);
     }
     Ok(out)
 }
@@ -468,6 +532,31 @@ mod tests {
             );
         }
         check("builtin_timeout_secs = 0", Err("builtin_timeout_secs is 0"));
+    }
+
+    #[test]
+    fn pool_settings() {
+        let c = check(
+            "[functions.py]\ncommand = [\"python3\", \"w.py\"]\npool = 3\nmax_tasks_per_worker = 100\n[functions.gpu]\npool = 0\n",
+            Ok(()),
+        )
+        .unwrap();
+        let Some(Function::Pool(py)) = c.function("py") else {
+            panic!("py is a pool function")
+        };
+        assert_eq!((py.size, py.max_tasks_per_worker), (3, Some(100)));
+        assert_eq!(c.function("gpu").map(Function::pool_size), Some(0));
+        // Every pool worker can run at once.
+        assert!(c.workers >= 3);
+        check("[functions.x]\npool = 2\n", Err("empty command"));
+        check(
+            "[functions.x]\ncommand = [\"cat\"]\nmax_tasks_per_worker = 5\n",
+            Err("without pool"),
+        );
+        check(
+            "[functions.x]\ncommand = [\"cat\"]\npool = 1\nmax_worker_memory_bytes = 0\n",
+            Err("max_worker_memory_bytes = 0"),
+        );
     }
 
     #[test]

@@ -112,13 +112,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(s) => Arc::new(s),
         Err(e) => return Err(AgentError::WorkDir(config.data_dir.join("work"), e)),
     };
+    let pools = executor::Pools::start(&config, &sandbox)
+        .map_err(|e| AgentError::WorkDir(config.data_dir.join(executor::pool::SOCKET), e))?;
+    let workers = match &pools {
+        Some(p) => p.counts(),
+        None => tokio::sync::watch::channel(Default::default()).1,
+    };
+    let record_workers = tokio::spawn(record_workers(store.clone(), workers.clone()));
+    let places = Arc::new(executor::Places {
+        sandbox,
+        pools: pools.clone(),
+    });
     let executors = TaskTracker::new();
     for _ in 0..config.workers {
         executors.spawn(executor::worker(
             config.clone(),
             store.clone(),
             run_times.clone(),
-            sandbox.clone(),
+            places.clone(),
             stop_intake.clone(),
             kill.clone(),
         ));
@@ -126,7 +137,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     executors.close();
     let maintenance = tokio::spawn(prune_forever(store.clone(), config.result_retention));
     let disk_watch = tokio::spawn(record_disk_full(store.clone()));
-    let link = session::Link::new(config.clone(), store.clone(), state.clone());
+    let link = session::Link::new(config.clone(), store.clone(), state.clone(), workers);
     let mut link = tokio::spawn(link.run(stop_intake.clone(), drain.clone()));
 
     tokio::pin!(shutdown);
@@ -139,8 +150,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_intake.cancel();
         kill.cancel();
         executors.wait().await;
+        if let Some(pools) = &pools {
+            pools.shutdown().await;
+        }
         maintenance.abort();
         disk_watch.abort();
+        record_workers.abort();
         return match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
@@ -162,6 +177,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         kill.cancel();
         executors.wait().await;
     }
+    // The slots are done: pool workers finished their tasks (or were killed with them); now they stop.
+    if let Some(pools) = &pools {
+        pools.shutdown().await;
+    }
     drain.cancel();
     let drain_limit = config.grace_period.max(MIN_DRAIN);
     if tokio::time::timeout(drain_limit, &mut link).await.is_err() {
@@ -174,6 +193,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     maintenance.abort();
     disk_watch.abort();
+    record_workers.abort();
     // The process may exit before the writer thread has closed its connection (which would checkpoint): fold
     // the WAL into the database now, so a clean stop leaves `agent.db` complete on its own.
     if let Err(e) = store.checkpoint().await {
@@ -191,6 +211,22 @@ async fn record_disk_full(store: Store) {
         let value = full.borrow_and_update().clone().unwrap_or_default();
         store.record(MetaKey::DiskFull, value).await;
         if full.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Records the pool workers per function for `endpoint-agent status` whenever they change (best effort).
+async fn record_workers(
+    store: Store,
+    mut workers: tokio::sync::watch::Receiver<
+        std::collections::BTreeMap<String, endpoint_wire::WorkerCounts>,
+    >,
+) {
+    loop {
+        let value = serde_json::to_string(&*workers.borrow_and_update()).unwrap_or_default();
+        store.record(MetaKey::Workers, value).await;
+        if workers.changed().await.is_err() {
             return;
         }
     }

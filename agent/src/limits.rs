@@ -70,6 +70,20 @@ pub const STDERR_TAIL_BYTES: usize = 4096;
 /// How long a command's stderr may still be read after it exited (a grandchild may hold the pipe open).
 pub const STDERR_DRAIN: Duration = Duration::from_secs(1);
 
+// --- Pool workers ---
+
+/// How long a started pool worker may take to connect and say hello (an interpreter importing a big module).
+pub const POOL_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Backoff between starts of a worker that fails at start: soon after the first failure, then no more than
+/// once a minute while it keeps failing.
+pub const POOL_RESTART_MIN: Duration = Duration::from_millis(500);
+pub const POOL_RESTART_MAX: Duration = Duration::from_secs(60);
+/// Failures at start in a row after which a worker is reported failing (and its function's tasks fail
+/// instead of waiting for it).
+pub const POOL_FAILING_AFTER: u32 = 3;
+/// How long a stopping worker gets after SIGTERM before SIGKILL.
+pub const POOL_STOP_WAIT: Duration = Duration::from_secs(5);
+
 // --- Retry loops ---
 
 /// Backoff of a commit or claim that failed (a full disk, a locked file): quick to resume, gentle while it lasts.

@@ -12,6 +12,8 @@ pub enum MetaKey {
     PublishingBlocked,
     /// `since T: error` while the database cannot grow; empty when not in effect.
     DiskFull,
+    /// The pool workers per function, as JSON (`{"fn": {"idle": 2, "busy": 0, ...}}`).
+    Workers,
 }
 
 impl MetaKey {
@@ -22,6 +24,7 @@ impl MetaKey {
             MetaKey::Reconnects => "reconnects",
             MetaKey::PublishingBlocked => "publishing_blocked",
             MetaKey::DiskFull => "disk_full",
+            MetaKey::Workers => "workers",
         }
     }
 }

@@ -6,7 +6,9 @@ use crate::data_dir::lock_holder;
 use crate::meta::MetaKey;
 use crate::store::{self, StoreError};
 use crate::task::Counts;
+use endpoint_wire::WorkerCounts;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 #[derive(Debug, Serialize)]
@@ -28,6 +30,9 @@ pub struct LocalStatus {
     /// `since <time>: <error>` while the database cannot grow, if the agent could record it (the disk being
     /// full, it may not); the heartbeat's `disk_full` state tells the service in any case.
     pub disk_full: Option<String>,
+    /// Pool workers per function, as the running agent last recorded them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub workers: BTreeMap<String, WorkerCounts>,
 }
 
 /// Reads the status of the data directory `dir`.
@@ -51,6 +56,9 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
     let condition = |key: MetaKey| get(key).filter(|v| !v.is_empty() && online);
     let publishing_blocked = condition(MetaKey::PublishingBlocked);
     let disk_full = condition(MetaKey::DiskFull);
+    let workers = condition(MetaKey::Workers)
+        .and_then(|w| serde_json::from_str(&w).ok())
+        .unwrap_or_default();
     Ok(LocalStatus {
         data_dir: dir.display().to_string(),
         online: agent.is_some(),
@@ -63,6 +71,7 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
         reconnects,
         publishing_blocked,
         disk_full,
+        workers,
     })
 }
 
@@ -86,6 +95,12 @@ impl LocalStatus {
         }
         if let Some(d) = &self.disk_full {
             s.push_str(&format!("disk:            full {d}\n"));
+        }
+        for (function, w) in &self.workers {
+            s.push_str(&format!(
+                "workers {function}: {} idle, {} busy, {} starting, {} failing ({} external)\n",
+                w.idle, w.busy, w.starting, w.failing, w.external
+            ));
         }
         s
     }

@@ -166,6 +166,16 @@ impl ChildSetup {
     }
 }
 
+/// SIGTERMs the process group `pgid` (a pool worker being replaced may finish what it does). Gone is fine.
+pub fn terminate_group(pgid: Option<u32>) {
+    if let Some(pgid) = pgid.and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: killpg takes plain integers; ESRCH (already gone) is expected and ignored.
+        unsafe {
+            libc::killpg(pgid, libc::SIGTERM);
+        }
+    }
+}
+
 /// SIGKILLs the process group `pgid` (a command's child leads its own). Already gone is fine.
 pub fn kill_group(pgid: Option<u32>) {
     if let Some(pgid) = pgid.and_then(|p| libc::pid_t::try_from(p).ok()) {

@@ -184,6 +184,17 @@ impl EndpointStatus {
                 None => "none".to_owned(),
             },
         );
+        if let Some(hb) = &self.last_heartbeat {
+            for (function, w) in &hb.workers {
+                line(
+                    "workers",
+                    format!(
+                        "{function}: {} idle, {} busy, {} starting, {} failing ({} external)",
+                        w.idle, w.busy, w.starting, w.failing, w.external
+                    ),
+                );
+            }
+        }
         line("verdict", self.verdict());
         out
     }
@@ -291,6 +302,7 @@ mod tests {
             time_ms: NOW - age_ms,
             heartbeat_secs,
             agent_version: "0.1.0".into(),
+            workers: Default::default(),
         }
     }
 

@@ -686,6 +686,7 @@ fn heartbeat(ep: &EndpointId, state: AgentState, time_ms: u64, seq: u64) -> Hear
         time_ms,
         heartbeat_secs: 5,
         agent_version: "test".into(),
+        workers: Default::default(),
     }
 }
 

@@ -151,6 +151,24 @@ pub struct Heartbeat {
     /// The interval the agent follows, so a reader can judge staleness without the registration.
     pub heartbeat_secs: u16,
     pub agent_version: String,
+    /// Workers of each pool function (absent when the agent has no pool functions).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub workers: std::collections::BTreeMap<String, WorkerCounts>,
+}
+
+/// The workers of one pool function, by what they are doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounts {
+    /// Connected and waiting for a task.
+    pub idle: u32,
+    /// Running a task.
+    pub busy: u32,
+    /// Started by the agent, not connected yet.
+    pub starting: u32,
+    /// Started by the agent and exiting before they connect, again and again (restarted with backoff).
+    pub failing: u32,
+    /// Connected workers the agent did not start (counted in `idle` and `busy` too).
+    pub external: u32,
 }
 
 #[cfg(test)]

@@ -4,10 +4,12 @@
 //! broker is away and is tested without one.
 
 mod builtins;
+pub(crate) mod pool;
 mod process;
 mod sandbox;
 mod slot;
 
+pub(crate) use pool::Pools;
 pub(crate) use sandbox::Sandbox;
 pub(crate) use slot::worker;
 
@@ -25,8 +27,12 @@ pub enum Outcome {
         exit_code: Option<i32>,
         body: Vec<u8>,
     },
-    /// Killed because the agent is shutting down: the task goes back to the queue.
+    /// Killed because the agent is shutting down (or not started before it stopped): the task goes back to the
+    /// queue without counting the attempt.
     Interrupted,
+    /// The run was lost with its worker (it died mid-task): the attempt stays counted and the task runs again,
+    /// or gets a `failed` result carrying `why` once it has had `max_attempts`.
+    Retry { why: String },
 }
 
 pub(crate) fn finished(
@@ -41,11 +47,19 @@ pub(crate) fn finished(
     }
 }
 
-/// Runs `task` with the function the config names; `kill` aborts it (shutdown after the grace period).
+/// Where tasks run: the working directories and cgroups of commands, and the pool workers.
+pub(crate) struct Places {
+    pub sandbox: std::sync::Arc<Sandbox>,
+    pub pools: Option<std::sync::Arc<Pools>>,
+}
+
+/// Runs `task` with the function the config names; `stop` hands back a pool task still waiting for a worker,
+/// `kill` aborts a running one (shutdown after the grace period).
 pub(crate) async fn execute(
     config: &Config,
-    sandbox: &Sandbox,
+    places: &Places,
     task: &ClaimedTask,
+    stop: &CancellationToken,
     kill: &CancellationToken,
 ) -> Outcome {
     let Some(function) = config.function(&task.function) else {
@@ -69,7 +83,16 @@ pub(crate) async fn execute(
         }
         Function::Command(spec) => {
             let timeout = task_timeout.map_or(spec.timeout, |t| t.min(spec.timeout));
-            process::run_command(spec, sandbox, task, timeout, kill).await
+            process::run_command(spec, &places.sandbox, task, timeout, kill).await
+        }
+        Function::Pool(spec) => {
+            let timeout =
+                task_timeout.map_or(spec.command.timeout, |t| t.min(spec.command.timeout));
+            match &places.pools {
+                // Boxed: the exchange with a worker is a large future, the slot's loop stays small.
+                Some(pools) => Box::pin(pools.run(spec, task, timeout, stop, kill)).await,
+                None => finished(Status::Failed, None, "pool workers are not running"),
+            }
         }
     }
 }
@@ -106,14 +129,17 @@ mod tests {
 
     /// A sandbox in a scratch data directory, both removed when dropped.
     struct Place {
-        sandbox: Sandbox,
+        places: Places,
         _dir: TestDir,
     }
 
     fn place() -> Place {
         let dir = TestDir::new("exec");
         Place {
-            sandbox: Sandbox::prepare(&dir).unwrap(),
+            places: Places {
+                sandbox: std::sync::Arc::new(Sandbox::prepare(&dir).unwrap()),
+                pools: None,
+            },
             _dir: dir,
         }
     }
@@ -129,7 +155,8 @@ mod tests {
     }
 
     async fn check(c: &Config, t: ClaimedTask, status: Status, body_has: &str) -> Outcome {
-        let out = execute(c, &place().sandbox, &t, &CancellationToken::new()).await;
+        let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
+        let out = execute(c, &place().places, &t, &stop, &kill).await;
         match &out {
             Outcome::Finished {
                 status: s, body, ..
@@ -142,7 +169,7 @@ mod tests {
                     t.function
                 );
             }
-            Outcome::Interrupted => panic!("{} interrupted", t.function),
+            other => panic!("{}: {other:?}", t.function),
         }
         out
     }
@@ -247,11 +274,18 @@ command = ["true"]
         let kill = CancellationToken::new();
         kill.cancel();
         assert_eq!(
-            execute(&c, &place().sandbox, &task("hang", "", None), &kill).await,
+            execute(&c, &place().places, &task("hang", "", None), &kill, &kill).await,
             Outcome::Interrupted
         );
         assert_eq!(
-            execute(&c, &place().sandbox, &task("sleep", "5000", None), &kill).await,
+            execute(
+                &c,
+                &place().places,
+                &task("sleep", "5000", None),
+                &kill,
+                &kill
+            )
+            .await,
             Outcome::Interrupted
         );
     }

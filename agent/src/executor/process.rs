@@ -52,13 +52,31 @@ fn command(
     dir: &std::path::Path,
     cgroup: Option<&TaskCgroup>,
 ) -> std::io::Result<tokio::process::Command> {
+    let vars = [
+        ("ENDPOINT_AGENT_TASK_ID", task.task_id.clone()),
+        ("ENDPOINT_AGENT_ATTEMPT", task.attempts.to_string()),
+        ("ENDPOINT_AGENT_FUNCTION", task.function.clone()),
+    ];
+    let mut cmd = isolated(spec, &vars, dir, cgroup)?;
+    cmd.stdin(Stdio::piped());
+    Ok(cmd)
+}
+
+/// `spec`'s program isolated as every command and pool worker is: a cleared environment (`PATH`, `HOME`,
+/// `LANG`, `agent_vars`, then the function's `env`), working directory `dir`, its own process group, the child
+/// setup of `crate::sys` (cgroup, limits, user, no new privileges, death with the agent); stdout and stderr
+/// piped, stdin left to the caller.
+pub(super) fn isolated(
+    spec: &CommandSpec,
+    agent_vars: &[(&str, String)],
+    dir: &std::path::Path,
+    cgroup: Option<&TaskCgroup>,
+) -> std::io::Result<tokio::process::Command> {
     let mut cmd = tokio::process::Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .env_clear()
-        .env("PATH", TASK_PATH)
-        .env("ENDPOINT_AGENT_TASK_ID", &task.task_id)
-        .env("ENDPOINT_AGENT_ATTEMPT", task.attempts.to_string())
-        .env("ENDPOINT_AGENT_FUNCTION", &task.function);
+    cmd.args(&spec.args).env_clear().env("PATH", TASK_PATH);
+    for (k, v) in agent_vars {
+        cmd.env(k, v);
+    }
     let home = match &spec.run_as {
         Some(user) => Some(user.home.clone().into_os_string()),
         None => std::env::var_os("HOME"),
@@ -71,7 +89,6 @@ fn command(
     }
     cmd.envs(&spec.env)
         .current_dir(dir)
-        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

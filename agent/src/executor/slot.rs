@@ -2,7 +2,7 @@
 //! next tasks in the same commit, until the agent stops it. How many tasks one claim takes is the claim
 //! policy's decision (`crate::claim`), fed with the run times the slots observe.
 
-use super::{Outcome, Sandbox, execute};
+use super::{Outcome, Places, execute};
 use crate::claim::{RunTimes, Want};
 use crate::config::Config;
 use crate::limits::{FLUSH_AFTER, FLUSH_BYTES, STORE_RETRY_MAX, STORE_RETRY_MIN};
@@ -26,7 +26,7 @@ pub(crate) async fn worker(
     config: Arc<Config>,
     store: Store,
     run_times: Arc<RunTimes>,
-    sandbox: Arc<Sandbox>,
+    places: Arc<Places>,
     stop: CancellationToken,
     kill: CancellationToken,
 ) {
@@ -88,7 +88,7 @@ pub(crate) async fn worker(
         };
         let started = Instant::now();
         tracing::debug!(task_id = %task.task_id, function = %task.function, attempt = task.attempts, "running");
-        match execute(&config, &sandbox, &task, &kill).await {
+        match execute(&config, &places, &task, &stop, &kill).await {
             Outcome::Interrupted => {
                 // Store what finished before, then hand back the interrupted task and those never started.
                 if !unsaved.is_empty()
@@ -104,6 +104,28 @@ pub(crate) async fn worker(
                     .collect();
                 requeue(&store, ids).await;
                 return;
+            }
+            Outcome::Retry { why } if task.attempts < config.max_attempts => {
+                tracing::warn!(task_id = %task.task_id, attempt = task.attempts, reason = %why, "the task's run was lost; it runs again");
+                if let Err(e) = store.retry(vec![task.task_id]).await {
+                    // It stays `running` on disk and runs again at the next start.
+                    tracing::warn!(error = %e, "cannot put the task back in the queue");
+                }
+            }
+            Outcome::Retry { why } => {
+                unsaved_since.get_or_insert_with(Instant::now);
+                unsaved.push(TaskResult {
+                    task_id: task.task_id,
+                    status: endpoint_wire::Status::Failed,
+                    exit_code: None,
+                    attempts: task.attempts,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                    body: format!(
+                        "{why}\nnot run again: it has had max_attempts = {} attempts",
+                        config.max_attempts
+                    )
+                    .into_bytes(),
+                });
             }
             Outcome::Finished {
                 status,
@@ -160,7 +182,10 @@ mod tests {
         store.ingest(tasks(0, 300, "echo", "x")).await.unwrap();
         let config = Arc::new(config(""));
         let run_times = Arc::new(RunTimes::default());
-        let sandbox = Arc::new(Sandbox::prepare(&dir).unwrap());
+        let places = Arc::new(Places {
+            sandbox: Arc::new(crate::executor::Sandbox::prepare(&dir).unwrap()),
+            pools: None,
+        });
         let (stop, kill) = (CancellationToken::new(), CancellationToken::new());
         let slots: Vec<_> = (0..2)
             .map(|_| {
@@ -168,7 +193,7 @@ mod tests {
                     config.clone(),
                     store.clone(),
                     run_times.clone(),
-                    sandbox.clone(),
+                    places.clone(),
                     stop.clone(),
                     kill.clone(),
                 ))

@@ -23,6 +23,8 @@ pub(crate) struct Heartbeats {
     pub seq: AtomicU64,
     /// `Some(why)` while the broker blocks the publishing connection (a resource alarm).
     pub blocked: watch::Receiver<Option<String>>,
+    /// Pool workers per function.
+    pub workers: watch::Receiver<std::collections::BTreeMap<String, wire::WorkerCounts>>,
 }
 
 impl Heartbeats {
@@ -80,6 +82,7 @@ impl Heartbeats {
             time_ms: wire::now_ms(),
             heartbeat_secs: u16::try_from(interval.as_secs()).unwrap_or(u16::MAX),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            workers: self.workers.borrow().clone(),
         };
         let body = serde_json::to_vec(&beat).expect("a heartbeat always serializes");
         let key = self.config.endpoint_id.heartbeat_routing_key();

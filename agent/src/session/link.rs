@@ -15,8 +15,9 @@ use crate::retry::Backoff;
 use crate::store::Store;
 use endpoint_wire::amqp::connect;
 use endpoint_wire::registration::{RegistrationError, fetch_registration};
-use endpoint_wire::{AgentState, BrokerError, BrokerUrl, Registration, now_rfc3339};
+use endpoint_wire::{AgentState, BrokerError, BrokerUrl, Registration, WorkerCounts, now_rfc3339};
 use futures_lite::StreamExt;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +29,7 @@ pub(crate) struct Link {
     config: Arc<Config>,
     store: Store,
     state: watch::Sender<AgentState>,
+    workers: watch::Receiver<BTreeMap<String, WorkerCounts>>,
     /// Sessions opened so far; every one after the first is a reconnect.
     sessions: AtomicU64,
 }
@@ -50,11 +52,17 @@ enum SessionEnd {
 
 impl Link {
     /// `state` is the agent's intake state as heartbeats report it (the subscriber sets it, `run` too).
-    pub(crate) fn new(config: Arc<Config>, store: Store, state: watch::Sender<AgentState>) -> Link {
+    pub(crate) fn new(
+        config: Arc<Config>,
+        store: Store,
+        state: watch::Sender<AgentState>,
+        workers: watch::Receiver<BTreeMap<String, WorkerCounts>>,
+    ) -> Link {
         Link {
             config,
             store,
             state,
+            workers,
             sessions: AtomicU64::new(0),
         }
     }
@@ -84,6 +92,7 @@ impl Link {
                 state: self.state.subscribe(),
                 seq: AtomicU64::new(0),
                 blocked: blocked.subscribe(),
+                workers: self.workers.clone(),
             },
             subscriber: Subscriber {
                 config: config.clone(),

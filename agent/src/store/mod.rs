@@ -238,6 +238,15 @@ impl Store {
         self.call(|r| Op::Requeue(task_ids, r)).await
     }
 
+    /// Puts running tasks back in the queue with their attempt counted: their run was lost (a pool worker died
+    /// under them), so the next claim counts the next attempt.
+    pub async fn retry(&self, task_ids: Vec<String>) -> Result<(), StoreError> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        self.call(|r| Op::Retry(task_ids, r)).await
+    }
+
     pub async fn mark_published(&self, ids: Vec<i64>) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());

@@ -193,6 +193,23 @@ pub(super) fn requeue(
     Ok(())
 }
 
+/// Puts running tasks back in the queue keeping their attempt counted (their run was lost with its worker).
+pub(super) fn retry(
+    tx: &rusqlite::Transaction,
+    task_ids: Vec<String>,
+    d: &mut Delta,
+) -> Result<(), StoreError> {
+    let mut stmt =
+        tx.prepare_cached("UPDATE tasks SET state = ?1 WHERE task_id = ?2 AND state = ?3")?;
+    for task_id in task_ids {
+        if stmt.execute(params![QUEUED, task_id, RUNNING])? > 0 {
+            d.running -= 1;
+            d.queued += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Marks results (by row id) published.
 pub(super) fn mark_published(
     tx: &rusqlite::Transaction,

@@ -32,6 +32,8 @@ pub(super) enum Op {
     /// Puts tasks interrupted by shutdown (or claimed but not started) back in the queue, not counting the run
     /// as an attempt.
     Requeue(Vec<String>, Reply<()>),
+    /// Puts tasks whose run was lost (a pool worker died under them) back in the queue, the attempt counted.
+    Retry(Vec<String>, Reply<()>),
     MarkPublished(Vec<i64>, Reply<()>),
     Prune(u64, Reply<u64>),
     SetMeta(MetaKey, String, Reply<()>),
@@ -213,6 +215,7 @@ fn execute(tx: &rusqlite::Transaction, op: Op, d: &mut Delta) -> (Deferred, bool
             (defer_claim(reply, r), ok)
         }
         Op::Requeue(task_ids, reply) => done(reply, sql::requeue(tx, task_ids, d)),
+        Op::Retry(task_ids, reply) => done(reply, sql::retry(tx, task_ids, d)),
         Op::MarkPublished(ids, reply) => done(reply, sql::mark_published(tx, ids, d)),
         Op::Prune(before, reply) => done(reply, sql::prune(tx, before, d)),
         Op::SetMeta(key, value, reply) => done(reply, sql::set_meta(tx, key, &value)),
