@@ -1,7 +1,9 @@
 //! The real `endpoint-agent` as a measured child process: building the release binary, starting one process
 //! per endpoint with its own data directory and config file, reading its CPU time (utime+stime from
-//! `/proc/<pid>/stat`) and peak RSS (VmHWM from `/proc/<pid>/status`), and stopping it with SIGTERM. It never
-//! reads or writes the agent's database; that is `endpoint_agent::store`'s business.
+//! `/proc/<pid>/stat`, with its task processes' where asked) and peak RSS (VmHWM from `/proc/<pid>/status`),
+//! and stopping it with SIGTERM. Also the config files it is given, including the Python function in its two
+//! forms (a pool of workers, a command per task). It never reads or writes the agent's database; that is
+//! `endpoint_agent::store`'s business.
 
 use anyhow::{Context, Result, anyhow, bail};
 use endpoint_wire::EndpointId;
@@ -82,23 +84,27 @@ impl AgentProc {
 
     /// User plus system CPU seconds the process has used so far.
     pub fn cpu_seconds(&self) -> Result<f64> {
-        let path = format!("/proc/{}/stat", self.pid());
-        let stat =
-            std::fs::read_to_string(&path).with_context(|| format!("while reading {path}"))?;
-        // Fields after the command name (which may contain spaces) start at field 3 (state).
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .ok_or_else(|| anyhow!("{path} has no command name"))?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field = |i: usize| -> Result<f64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .ok_or_else(|| anyhow!("{path} has no field {}", i + 3))
-        };
-        // utime is field 14 and stime field 15 of proc(5); index 0 here is field 3.
-        Ok((field(11)? + field(12)?) / clock_ticks_per_sec())
+        Ok(ProcStat::read(self.pid())?.own)
+    }
+
+    /// CPU seconds of the agent and of every process under it: the live ones (pool workers, running
+    /// commands) and the exited ones it has reaped. Differences between two readings count what task
+    /// processes used in between, as long as none of them is still running unreaped across a reading.
+    pub fn tree_cpu_seconds(&self) -> Result<f64> {
+        let all = ProcStat::all();
+        let mut total = 0.0;
+        let mut stack = vec![self.pid()];
+        while let Some(pid) = stack.pop() {
+            let Some(s) = all.iter().find(|s| s.pid == pid) else {
+                if pid == self.pid() {
+                    bail!("endpoint-agent {} is not running", self.pid());
+                }
+                continue;
+            };
+            total += s.own + s.reaped_children;
+            stack.extend(all.iter().filter(|c| c.ppid == pid).map(|c| c.pid));
+        }
+        Ok(total)
     }
 
     /// Peak resident set size (VmHWM) in bytes.
@@ -176,10 +182,110 @@ impl Drop for AgentProc {
     }
 }
 
+/// What `/proc/<pid>/stat` says about one process's CPU time.
+struct ProcStat {
+    pid: u32,
+    ppid: u32,
+    /// utime + stime, seconds.
+    own: f64,
+    /// cutime + cstime: children it has waited for, seconds.
+    reaped_children: f64,
+}
+
+impl ProcStat {
+    fn read(pid: u32) -> Result<ProcStat> {
+        let path = format!("/proc/{pid}/stat");
+        let stat =
+            std::fs::read_to_string(&path).with_context(|| format!("while reading {path}"))?;
+        // Fields after the command name (which may contain spaces) start at field 3 (state).
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow!("{path} has no command name"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| -> Result<f64> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .ok_or_else(|| anyhow!("{path} has no field {}", i + 3))
+        };
+        let tick = clock_ticks_per_sec();
+        // proc(5): ppid is field 4, utime 14, stime 15, cutime 16, cstime 17; index 0 here is field 3.
+        Ok(ProcStat {
+            pid,
+            ppid: field(1)? as u32,
+            own: (field(11)? + field(12)?) / tick,
+            reaped_children: (field(13)? + field(14)?) / tick,
+        })
+    }
+
+    /// Every process readable now (those exiting while we look are left out).
+    fn all() -> Vec<ProcStat> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| ProcStat::read(pid).ok())
+            .collect()
+    }
+}
+
 /// The config file the bench gives every agent: defaults, except the backlog cap and a short reconnect
 /// backoff (only the replay measurement reconnects) and a short grace period (echo finishes at once).
-pub fn config_toml(max_backlog: u64) -> String {
+/// With `python`, the Python function's two forms too (agents that do not run them do not start its pool).
+pub fn config_toml(max_backlog: u64, python: bool) -> String {
     format!(
-        "max_backlog = {max_backlog}\ngrace_period_secs = 10\nreconnect_min_ms = 50\nreconnect_max_ms = 100\n"
+        "max_backlog = {max_backlog}\ngrace_period_secs = 10\nreconnect_min_ms = 50\nreconnect_max_ms = 100\n{}",
+        if python {
+            python_functions()
+        } else {
+            String::new()
+        }
     )
+}
+
+/// The Python function that returns its payload (`echo` in examples/python-pool/tasks.py), as a pool of
+/// `workers` long-lived processes.
+pub const PY_POOL: &str = "py_pool";
+/// The same Python function as a command: a fresh interpreter per task, payload on stdin, result on stdout.
+pub const PY_COMMAND: &str = "py_command";
+
+/// The repository's root (the Python worker and the example module live there).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
+}
+
+/// Both forms of the Python function, as config sections. The pool's size is the agent's default
+/// `workers` (one per CPU), so it runs as many tasks at once as the command form does.
+fn python_functions() -> String {
+    let repo = repo();
+    let worker = repo.join("workers/python/endpoint_worker.py");
+    let module_dir = repo.join("examples/python-pool");
+    let workers = pool_size();
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    format!(
+        "[functions.{PY_POOL}]\ncommand = [\"python3\", {worker}, \"{PY_POOL}=tasks:echo\"]\npool = {workers}\nenv = {{ PYTHONPATH = {path} }}\n\n\
+         [functions.{PY_COMMAND}]\ncommand = [\"python3\", \"-c\", \"import sys, tasks; sys.stdout.buffer.write(tasks.echo(sys.stdin.buffer.read()))\"]\nenv = {{ PYTHONPATH = {path} }}\n",
+        worker = quoted(&worker),
+        path = quoted(&module_dir),
+    )
+}
+
+/// Workers in the Python pool: the agent's default `workers`, one per CPU.
+pub fn pool_size() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Whether `python3` runs here (the Python rows need it).
+pub fn python_available() -> bool {
+    Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

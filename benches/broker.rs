@@ -294,6 +294,7 @@ impl Service {
         &self,
         state: &Arc<RunState>,
         eps: &[EndpointId],
+        function: &str,
         payload: &[u8],
     ) -> Result<()> {
         const CHUNK: usize = 256;
@@ -316,7 +317,7 @@ impl Service {
                     .acquire_owned()
                     .await
                     .context("submit window closed")?;
-                let specs = specs(state.run, &seqs, payload);
+                let specs = specs(state.run, &seqs, function, payload);
                 let now = Instant::now();
                 for s in &seqs {
                     state.mark_sent(*s, now);
@@ -347,6 +348,7 @@ impl Service {
         &self,
         state: &Arc<RunState>,
         eps: &[EndpointId],
+        function: &str,
         payload: &[u8],
         rate: f64,
     ) -> Result<()> {
@@ -372,7 +374,7 @@ impl Service {
                 }
                 let submitter = self.submitter.clone();
                 let ep = eps[e].clone();
-                let specs = specs(state.run, &seqs, payload);
+                let specs = specs(state.run, &seqs, function, payload);
                 tasks.spawn(async move { submitter.submit(&ep, specs).await });
             }
             while let Some(done) = tasks.try_join_next() {
@@ -390,11 +392,11 @@ impl Service {
     }
 }
 
-fn specs(run: u64, seqs: &[usize], payload: &[u8]) -> Vec<TaskSpec> {
+fn specs(run: u64, seqs: &[usize], function: &str, payload: &[u8]) -> Vec<TaskSpec> {
     seqs.iter()
         .map(|s| TaskSpec {
             task_id: Some(task_id(run, *s)),
-            function: endpoint_agent::config::BUILTIN_ECHO.to_owned(),
+            function: function.to_owned(),
             payload: payload.to_vec(),
             timeout_ms: None,
         })

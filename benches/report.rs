@@ -117,15 +117,22 @@ impl Medians {
     }
 }
 
-/// One row of the matrix with every repetition of both modes.
+/// One row of the matrix with every repetition of every mode it runs.
 #[derive(Clone, Debug)]
 pub struct Row {
     pub payload: usize,
     /// `None` = full blast, else tasks/s in total.
     pub rate: Option<f64>,
     pub endpoints: usize,
+    /// Whether the row also runs the Python function as a pool and as a command.
+    pub python: bool,
     pub raw: Vec<Sample>,
+    /// The agent running the built-in `echo`.
     pub agent: Vec<Sample>,
+    /// The agent running a Python function that returns its payload on a pool of workers.
+    pub pool: Vec<Sample>,
+    /// The same Python function as a command (a process per task).
+    pub command: Vec<Sample>,
 }
 
 pub fn payload_label(bytes: usize) -> String {
@@ -137,6 +144,19 @@ pub fn payload_label(bytes: usize) -> String {
 }
 
 impl Row {
+    pub fn new(payload: usize, rate: Option<f64>, endpoints: usize) -> Row {
+        Row {
+            payload,
+            rate,
+            endpoints,
+            python: false,
+            raw: vec![],
+            agent: vec![],
+            pool: vec![],
+            command: vec![],
+        }
+    }
+
     pub fn pattern(&self) -> String {
         match self.rate {
             None => "blast".into(),
@@ -155,21 +175,35 @@ impl Row {
 
     pub fn to_json(&self) -> Value {
         let (raw, agent) = (Medians::of(&self.raw), Medians::of(&self.agent));
-        json!({
+        let mode = |samples: &[Sample]| json!({"median": Medians::of(samples).to_json(), "reps": samples.iter().map(Sample::to_json).collect::<Vec<_>>()});
+        let mut doc = json!({
             "payload_bytes": self.payload, "pattern": self.pattern(), "rate_per_s": self.rate,
             "endpoints": self.endpoints,
-            "raw": {"median": raw.to_json(), "reps": self.raw.iter().map(Sample::to_json).collect::<Vec<_>>()},
-            "agent": {"median": agent.to_json(), "reps": self.agent.iter().map(Sample::to_json).collect::<Vec<_>>()},
+            "raw": mode(&self.raw),
+            "agent": mode(&self.agent),
             "agent_over_raw": {
                 "tasks_per_s": round(agent.tasks_per_s / raw.tasks_per_s),
                 "p50_ms_delta": round(agent.p50_ms - raw.p50_ms),
                 "p99_ms_delta": round(agent.p99_ms - raw.p99_ms),
             },
-        })
+        });
+        if self.python {
+            let (pool, command) = (Medians::of(&self.pool), Medians::of(&self.command));
+            doc["python_pool"] = mode(&self.pool);
+            doc["python_command"] = mode(&self.command);
+            doc["pool_over_echo"] = json!({
+                "tasks_per_s": round(pool.tasks_per_s / agent.tasks_per_s),
+                "p50_ms_delta": round(pool.p50_ms - agent.p50_ms),
+            });
+            doc["pool_over_command_tasks_per_s"] =
+                json!(round(pool.tasks_per_s / command.tasks_per_s));
+        }
+        doc
     }
 }
 
-/// The table printed at the end: one line per row and mode, medians over repetitions.
+/// The table printed at the end: one line per row and mode, medians over repetitions. The ratio is to raw for
+/// `agent` (echo), to `agent` for `pool`, and the pool's to the command's for `cmd`.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -190,7 +224,8 @@ pub fn table(rows: &[Row]) -> String {
     );
     for r in rows {
         let (raw, agent) = (Medians::of(&r.raw), Medians::of(&r.agent));
-        for (mode, m, n, ratio) in [
+        let (pool, command) = (Medians::of(&r.pool), Medians::of(&r.command));
+        let mut modes = vec![
             ("raw", &raw, r.raw.len(), String::new()),
             (
                 "agent",
@@ -198,7 +233,22 @@ pub fn table(rows: &[Row]) -> String {
                 r.agent.len(),
                 format!("{:.3}", agent.tasks_per_s / raw.tasks_per_s),
             ),
-        ] {
+        ];
+        if r.python {
+            modes.push((
+                "pool",
+                &pool,
+                r.pool.len(),
+                format!("{:.3}", pool.tasks_per_s / agent.tasks_per_s),
+            ));
+            modes.push((
+                "cmd",
+                &command,
+                r.command.len(),
+                format!("1/{:.1}", pool.tasks_per_s / command.tasks_per_s),
+            ));
+        }
+        for (mode, m, n, ratio) in modes {
             let opt = |x: Option<f64>, p: usize| x.map_or("-".to_owned(), |v| format!("{v:.p$}"));
             let _ = writeln!(
                 out,

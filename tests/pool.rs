@@ -123,6 +123,12 @@ async fn workers_that_die_time_out_or_fail_at_import_are_handled() {
         1,
         "max_tasks_per_worker = 3\n",
     ));
+    opts.config.push_str(&pool_function(
+        "hog",
+        "pyfns:hog",
+        1,
+        "max_worker_memory_bytes = 41943040\n",
+    ));
     opts.config.push_str(&format!(
         "[functions.broken]\ncommand = [\"python3\", \"{}\", \"broken_import:f\"]\npool = 1\nenv = {{ PYTHONPATH = \"{}\", BROKEN_LOG = \"{}\" }}\n",
         worker_script(),
@@ -174,6 +180,20 @@ async fn workers_that_die_time_out_or_fail_at_import_are_handled() {
     service.await_results(&ids, WAIT, &[&agent]).await;
     let pids: BTreeSet<String> = ids.iter().map(|id| body(&service, id)).collect();
     assert!(pids.len() >= 3, "recycling after 3 tasks: {pids:?}");
+    // Past 40 MiB resident after every task: each of 3 tasks sees a fresh worker.
+    let ids = service
+        .submit((0..3).map(|_| task("hog", b"")).collect())
+        .await;
+    service.await_results(&ids, WAIT, &[&agent]).await;
+    for id in &ids {
+        assert_eq!(service.result(id).status, "ok", "{}", body(&service, id));
+    }
+    let pids: BTreeSet<String> = ids.iter().map(|id| body(&service, id)).collect();
+    assert_eq!(
+        pids.len(),
+        3,
+        "recycling past max_worker_memory_bytes: {pids:?}"
+    );
 
     // Fails at import: reported as failing, no hot loop, its tasks fail with the reason, the others serve.
     let status = wait_status(&data, Duration::from_secs(30), |s| {

@@ -90,6 +90,9 @@ struct Args {
     /// Skip the replay after reconnect.
     #[arg(long)]
     skip_replay: bool,
+    /// Skip the Python function rows (a pool of workers and a command per task, next to `echo`).
+    #[arg(long)]
+    skip_python: bool,
     /// Use this endpoint-agent binary instead of building it with `cargo build --release -p endpoint-agent`.
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
@@ -104,6 +107,10 @@ struct Args {
 /// Payload bytes a single run may move, so 64 KiB rows stay within the machine's time and memory.
 const RUN_BYTES_CAP: usize = 160 * 1024 * 1024;
 
+/// Tasks per run of the Python command form: an interpreter per task runs a few dozen per second per core,
+/// so a run the size of the others would take minutes and say nothing more.
+const COMMAND_TASKS_CAP: usize = 300;
+
 struct Plan {
     reps: usize,
     tasks: usize,
@@ -112,6 +119,8 @@ struct Plan {
     rates: Vec<f64>,
     endpoints: Vec<usize>,
     backlog: usize,
+    /// Whether the Python rows run (python3 is there and --skip-python was not given).
+    python: bool,
 }
 
 impl Plan {
@@ -133,7 +142,11 @@ impl Plan {
                 }
             }),
             backlog: a.backlog.unwrap_or(if a.full { 100_000 } else { 10_000 }),
+            python: !a.skip_python && agent::python_available(),
         };
+        if !a.skip_python && !plan.python {
+            eprintln!("python3 does not run here: the Python pool and command rows are skipped");
+        }
         if plan.reps == 0
             || plan.tasks == 0
             || plan.backlog == 0
@@ -155,13 +168,7 @@ impl Plan {
     /// the smallest payload, full blast and the lowest rate (how cost grows with endpoints).
     fn rows(&self) -> Vec<Row> {
         let mut rows = Vec::new();
-        let row = |payload, rate, endpoints| Row {
-            payload,
-            rate,
-            endpoints,
-            raw: vec![],
-            agent: vec![],
-        };
+        let row = Row::new;
         let mut eps = self.endpoints.clone();
         eps.sort_unstable();
         eps.dedup();
@@ -170,13 +177,19 @@ impl Plan {
         let Some((&first, more)) = eps.split_first() else {
             return rows;
         };
+        let smallest = self.payloads.iter().copied().min().unwrap_or(100);
         for &p in &self.payloads {
             rows.push(row(p, None, first));
             for &r in &rates {
                 rows.push(row(p, Some(r), first));
             }
         }
-        let smallest = self.payloads.iter().copied().min().unwrap_or(100);
+        // The Python function runs at the smallest payload, one endpoint, full blast and the lowest rate.
+        for r in rows.iter_mut() {
+            r.python = self.python
+                && r.payload == smallest
+                && (r.rate.is_none() || r.rate == rates.first().copied());
+        }
         for &n in more {
             rows.push(row(smallest, None, n));
             if let Some(&r) = rates.first() {
@@ -186,10 +199,15 @@ impl Plan {
         rows
     }
 
-    fn tasks_for(&self, row: &Row) -> usize {
+    fn tasks_for(&self, row: &Row, mode: Mode) -> usize {
         let wanted = match row.rate {
             None => self.tasks,
             Some(r) => (r * self.seconds).ceil() as usize,
+        };
+        let wanted = if mode == Mode::Command {
+            wanted.min(COMMAND_TASKS_CAP)
+        } else {
+            wanted
         };
         wanted
             .min(RUN_BYTES_CAP / row.payload.max(1))
@@ -199,8 +217,14 @@ impl Plan {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
+    /// The broker's round-trip limit.
     Raw,
+    /// The agent running the built-in `echo`.
     Agent,
+    /// The agent running a Python function on a pool of workers.
+    Pool,
+    /// The agent running the same Python function as a command.
+    Command,
 }
 
 impl Mode {
@@ -208,6 +232,17 @@ impl Mode {
         match self {
             Mode::Raw => "raw",
             Mode::Agent => "agent",
+            Mode::Pool => "pool",
+            Mode::Command => "cmd",
+        }
+    }
+
+    /// The function its tasks name.
+    fn function(self) -> &'static str {
+        match self {
+            Mode::Raw | Mode::Agent => endpoint_agent::config::BUILTIN_ECHO,
+            Mode::Pool => agent::PY_POOL,
+            Mode::Command => agent::PY_COMMAND,
         }
     }
 }
@@ -308,8 +343,9 @@ impl Bench {
         run: u64,
         max_backlog: u64,
         url: &str,
+        python: bool,
     ) -> Result<Vec<AgentProc>> {
-        let config = agent::config_toml(max_backlog);
+        let config = agent::config_toml(max_backlog, python);
         eps.iter()
             .map(|ep| {
                 let dir = self.data.join(format!("run{run}-{ep}"));
@@ -360,12 +396,16 @@ impl Bench {
                     );
                 }
             }
-            Mode::Agent => {
-                procs = self.start_agents(&eps, run, 10_000, &self.vhost.url())?;
-                let ready = self
+            Mode::Agent | Mode::Pool | Mode::Command => {
+                let python = mode != Mode::Agent;
+                procs = self.start_agents(&eps, run, 10_000, &self.vhost.url(), python)?;
+                let mut ready = self
                     .service
                     .wait_consumers(&eps, Duration::from_secs(60))
                     .await;
+                if ready.is_ok() && mode == Mode::Pool {
+                    ready = pool_ready(&procs, Duration::from_secs(60)).await;
+                }
                 if let Err(e) = ready {
                     let tail = procs.first_mut().map(|p| p.check_alive().err());
                     self.stop_agents(procs)?;
@@ -375,15 +415,23 @@ impl Bench {
                     });
                 }
                 for p in &procs {
-                    cpu0 += p.cpu_seconds()?;
+                    cpu0 += cpu_seconds(p, mode)?;
                 }
             }
         }
         self.progress.set(label.to_owned(), &state);
         let t0 = Instant::now();
         let submitted = match row.rate {
-            None => self.service.blast(&state, &eps, &payload).await,
-            Some(r) => self.service.paced(&state, &eps, &payload, r).await,
+            None => {
+                self.service
+                    .blast(&state, &eps, mode.function(), &payload)
+                    .await
+            }
+            Some(r) => {
+                self.service
+                    .paced(&state, &eps, mode.function(), &payload, r)
+                    .await
+            }
         };
         let limit = Duration::from_secs(120 + (tasks / 100) as u64);
         let receipts = match submitted {
@@ -396,12 +444,12 @@ impl Bench {
                 .map_or(0.0, |l| l.saturating_duration_since(t0).as_secs_f64());
             Sample::from_hist(r.count, secs, &r.hist, r.duplicates)
         });
-        if let (Mode::Agent, Some(s)) = (mode, sample.as_mut()) {
+        if let (false, Some(s)) = (mode == Mode::Raw, sample.as_mut()) {
             let mut cpu1 = 0.0;
             let mut peak: f64 = 0.0;
             let mut total = 0.0;
             for p in &procs {
-                cpu1 += p.cpu_seconds()?;
+                cpu1 += cpu_seconds(p, mode)?;
                 let rss = p.peak_rss_bytes()? as f64 / (1024.0 * 1024.0);
                 peak = peak.max(rss);
                 total += rss;
@@ -430,7 +478,12 @@ impl Bench {
         self.progress
             .set(format!("backlog {n}: queueing for {}", mode.name()), &state);
         self.service
-            .blast(&state, std::slice::from_ref(&ep), &[b'x'; 100])
+            .blast(
+                &state,
+                std::slice::from_ref(&ep),
+                endpoint_agent::config::BUILTIN_ECHO,
+                &[b'x'; 100],
+            )
             .await?;
         let (queued, _) = self.service.tasks_queue(&ep).await?;
         if queued as usize != n {
@@ -455,13 +508,15 @@ impl Bench {
                     .map_or(0.0, |l| l.saturating_duration_since(t0).as_secs_f64());
                 Sample::from_hist(r.count, secs, &r.hist, r.duplicates)
             }
-            Mode::Agent => {
+            // The backlog is `echo` tasks: every agent mode drains it alike.
+            Mode::Agent | Mode::Pool | Mode::Command => {
                 // max_backlog >= n: the whole backlog may sit on the agent's disk (the RSS target's condition).
                 let procs = self.start_agents(
                     std::slice::from_ref(&ep),
                     run,
                     n.max(100_000) as u64,
                     &self.vhost.url(),
+                    false,
                 )?;
                 let r = state.wait_all(limit).await;
                 let measured = procs
@@ -528,6 +583,7 @@ impl Bench {
             run,
             (n as u64).max(100_000),
             &url,
+            false,
         )?;
         let t_start = Instant::now();
         let offline = loop {
@@ -577,6 +633,45 @@ impl Bench {
             "peak_rss_mib": rss as f64 / (1024.0 * 1024.0), "duplicates": r.duplicates,
         }))
     }
+}
+
+/// CPU seconds an agent has used: its own for `echo`; with its workers' and commands' for the Python modes.
+fn cpu_seconds(p: &AgentProc, mode: Mode) -> Result<f64> {
+    match mode {
+        Mode::Pool | Mode::Command => p.tree_cpu_seconds(),
+        Mode::Raw | Mode::Agent => p.cpu_seconds(),
+    }
+}
+
+/// Waits until every agent's pool workers have connected (`workers` in its status), so the Python pool's
+/// start-up is not measured as latency.
+async fn pool_ready(procs: &[AgentProc], limit: Duration) -> Result<()> {
+    let want = agent::pool_size();
+    let deadline = Instant::now() + limit;
+    for p in procs {
+        loop {
+            let idle = endpoint_agent::store::read_status(&p.data_dir)
+                .ok()
+                .and_then(|(_, meta)| {
+                    let (_, v) = meta.into_iter().find(|(k, _)| k == "workers")?;
+                    let v: Value = serde_json::from_str(&v).ok()?;
+                    v[agent::PY_POOL]["idle"].as_u64()
+                });
+            if idle >= Some(want as u64) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {want} Python pool workers connected to {}'s agent after {limit:?}; log tail:\n{}",
+                    idle.unwrap_or(0),
+                    p.endpoint,
+                    p.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 async fn interrupted() {
@@ -679,17 +774,22 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
     } else {
         plan.rows()
     };
-    let total_runs = rows.len() * plan.reps * 2;
+    let modes_of = |row: &Row| {
+        if row.python {
+            vec![Mode::Raw, Mode::Agent, Mode::Pool, Mode::Command]
+        } else {
+            vec![Mode::Raw, Mode::Agent]
+        }
+    };
+    let total_runs: usize = rows.iter().map(|r| modes_of(r).len() * plan.reps).sum();
     if !rows.is_empty() {
-        // Warm-up, not recorded: first connections, first agent start, broker caches.
-        let warm = Row {
-            payload: 100,
-            rate: None,
-            endpoints: 1,
-            raw: vec![],
-            agent: vec![],
-        };
-        for mode in [Mode::Raw, Mode::Agent] {
+        // Warm-up, not recorded: first connections, first agent start, broker caches, Python's bytecode cache.
+        let warm = Row::new(100, None, 1);
+        let mut modes = vec![Mode::Raw, Mode::Agent];
+        if plan.python {
+            modes.push(Mode::Pool);
+        }
+        for mode in modes {
             bench
                 .measure(mode, &warm, 1000, &format!("warm-up {}", mode.name()))
                 .await?;
@@ -697,15 +797,14 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
     }
     let mut done = 0;
     for row in rows.iter_mut() {
-        let tasks = plan.tasks_for(row);
         for rep in 0..plan.reps {
-            // Alternate which mode goes first so drift (page cache, broker state, neighbours) hits both alike.
-            let order = if rep % 2 == 0 {
-                [Mode::Raw, Mode::Agent]
-            } else {
-                [Mode::Agent, Mode::Raw]
-            };
+            // Alternate the order of modes so drift (page cache, broker state, neighbours) hits all alike.
+            let mut order = modes_of(row);
+            if rep % 2 == 1 {
+                order.reverse();
+            }
             for mode in order {
+                let tasks = plan.tasks_for(row, mode);
                 done += 1;
                 let label = format!(
                     "[{done}/{total_runs}] {} {} rep {}/{}",
@@ -721,6 +820,8 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
                 match mode {
                     Mode::Raw => row.raw.push(s),
                     Mode::Agent => row.agent.push(s),
+                    Mode::Pool => row.pool.push(s),
+                    Mode::Command => row.command.push(s),
                 }
             }
         }
@@ -736,6 +837,20 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
             a.p99_ms,
             a.tasks_per_s / r.tasks_per_s
         ));
+        if row.python {
+            let (p, c) = (Medians::of(&row.pool), Medians::of(&row.command));
+            bench.progress.note(&format!(
+                "{:<22} python pool {:>7.0}/s p50 {:.2} p99 {:.2} ({:.3} of echo) | command {:>5.0}/s p50 {:.0} | pool/command {:.1}",
+                "",
+                p.tasks_per_s,
+                p.p50_ms,
+                p.p99_ms,
+                p.tasks_per_s / a.tasks_per_s,
+                c.tasks_per_s,
+                c.p50_ms,
+                p.tasks_per_s / c.tasks_per_s
+            ));
+        }
     }
     let mut backlog = Value::Null;
     if !args.skip_backlog {
@@ -861,6 +976,38 @@ fn targets(rows: &[Row], backlog: &Value) -> Vec<String> {
         out.push(format!(
             "paced 500/s p99 agent - raw = {d99:.2} ms (<= 3 ms): {}",
             verdict(d99 <= 3.0)
+        ));
+    }
+    let python = |rate: Option<f64>| find(rate).filter(|r| r.python && !r.pool.is_empty());
+    if let Some(r) = python(None) {
+        let (echo, pool, command) = (
+            Medians::of(&r.agent),
+            Medians::of(&r.pool),
+            Medians::of(&r.command),
+        );
+        let of_echo = pool.tasks_per_s / echo.tasks_per_s;
+        out.push(format!(
+            "full-blast 100 B Python pool / echo throughput = {of_echo:.3} (>= 0.7): {}",
+            verdict(of_echo >= 0.7)
+        ));
+        let of_command = pool.tasks_per_s / command.tasks_per_s;
+        out.push(format!(
+            "full-blast 100 B Python pool / Python command throughput = {of_command:.1} (>= 20): {}",
+            verdict(of_command >= 20.0)
+        ));
+        let cpu = |m: &Medians| m.cpu_per_1k.map_or("-".to_owned(), |c| format!("{c:.3} s"));
+        out.push(format!(
+            "CPU per 1,000 tasks (100 B blast, agent and its task processes): echo {}, Python pool {}, Python command {} (stated)",
+            cpu(&echo),
+            cpu(&pool),
+            cpu(&command)
+        ));
+    }
+    if let Some(r) = python(Some(500.0)) {
+        let d50 = Medians::of(&r.pool).p50_ms - Medians::of(&r.agent).p50_ms;
+        out.push(format!(
+            "paced 500/s p50 Python pool - echo = {d50:.2} ms (<= 1 ms): {}",
+            verdict(d50 <= 1.0)
         ));
     }
     if let Some(rss) = backlog["agent"]["peak_rss_mib"].as_f64() {
