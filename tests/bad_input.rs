@@ -143,6 +143,7 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
             kind: Some(kind.to_vec()),
             headers,
             delivery_mode: Some(2),
+            reply_to: None,
         };
         async move {
             let mut conn = RawConnection::open(&url, "test raw publisher", 0)
@@ -228,6 +229,13 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
     let mut float_timeout = FieldTable::default();
     float_timeout.insert("x-timeout-ms".into(), AMQPValue::Double(100.0));
     publish(id("float-timeout"), "echo", float_timeout, b"x".to_vec()).await;
+    // A service name that cannot be a routing key word: rejected, and the answer goes to the shared queue.
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(id("bad-reply-to").as_str().into())
+        .with_type("echo".into())
+        .with_reply_to("no.such.service".into());
+    publish_task(&channel, &key, props, b"x").await;
     publish(
         id("over-cap"),
         "cat",
@@ -247,6 +255,7 @@ async fn malformed_properties_headers_and_outputs_get_clear_answers() {
         ("huge-headers", "rejected", "over the limit"),
         ("odd-headers", "ok", "odd but fine"),
         ("float-timeout", "rejected", "x-timeout-ms"),
+        ("bad-reply-to", "rejected", "reply_to"),
         ("over-cap", "failed", "max_output_bytes"),
         ("good", "ok", "still here"),
     ];

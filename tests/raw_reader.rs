@@ -37,6 +37,7 @@ async fn publishes_and_gets_bytes_lapin_cannot_parse() {
         kind: Some(b"ech\xc3".to_vec()),
         headers: Some(table_entry(b"k\xff", FIELD_SIGNED_64, &5i64.to_be_bytes())),
         delivery_mode: Some(2),
+        reply_to: Some(b"svc-\xff".to_vec()),
     };
     // Larger than a frame: the body goes out and comes back in several.
     let body = vec![7u8; 300_000];

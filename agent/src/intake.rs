@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::executor;
 use crate::raw::{FieldValue, RawMessage, parse_table};
 use crate::task::{Intake, NewTask};
-use endpoint_wire::{HEADER_TIMEOUT_MS, MAX_HEADER_BYTES};
+use endpoint_wire::{HEADER_TIMEOUT_MS, MAX_HEADER_BYTES, ServiceName};
 
 /// A whole number written as text (an `x-timeout-ms` header sent as a string).
 pub(crate) fn parse_ms(text: &[u8]) -> Option<i128> {
@@ -64,7 +64,28 @@ pub(crate) fn classify_raw(config: &Config, m: RawMessage) -> Option<Intake> {
             task_id: task_id.to_owned(),
             function: String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned(),
             reason,
+            reply_to: None,
         })
+    };
+    // A service that cannot be named in a routing key gets nothing back there: the rejection goes to the
+    // shared queue, where someone reading results sees why.
+    let reply_to = match p.reply_to.as_deref().map(std::str::from_utf8).transpose() {
+        // Some clients send an empty reply-to for "none".
+        Ok(None | Some("")) => None,
+        Ok(Some(name)) => match ServiceName::new(name) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                return reject(format!(
+                    "the `reply_to` property names no service this agent can answer: {e}"
+                ));
+            }
+        },
+        Err(_) => {
+            let shown = String::from_utf8_lossy(p.reply_to.as_deref().unwrap_or_default());
+            return reject(format!(
+                "the `reply_to` property (the service to answer) is not valid UTF-8: {shown:?}"
+            ));
+        }
     };
     let Ok(function) = utf8(&p.kind) else {
         let shown = String::from_utf8_lossy(p.kind.as_deref().unwrap_or_default()).into_owned();
@@ -100,6 +121,7 @@ pub(crate) fn classify_raw(config: &Config, m: RawMessage) -> Option<Intake> {
         timeout,
         header_bytes: p.headers.as_ref().map_or(0, Vec::len),
         body_size,
+        reply_to,
     };
     classify(config, fields, body)
 }
@@ -124,6 +146,8 @@ pub(crate) struct Fields<'a> {
     pub header_bytes: usize,
     /// The body's size as the broker declared it (the body itself may have been dropped for its size).
     pub body_size: u64,
+    /// The service whose queue gets the result, from `reply_to` (already checked).
+    pub reply_to: Option<ServiceName>,
 }
 
 /// Decides what a delivery becomes. `None`: no task id, so nothing can be answered (logged and acked).
@@ -134,6 +158,7 @@ pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Op
         timeout,
         header_bytes,
         body_size,
+        reply_to,
     } = fields;
     let task_id = message_id.filter(|id| !id.is_empty())?.to_owned();
     let reject = |function: &str, reason: String| {
@@ -141,6 +166,7 @@ pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Op
             task_id: task_id.clone(),
             function: function.to_owned(),
             reason,
+            reply_to: reply_to.clone(),
         })
     };
     let Some(function) = function.filter(|f| !f.is_empty()) else {
@@ -185,6 +211,7 @@ pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Op
         function: function.to_owned(),
         payload: body,
         timeout_ms,
+        reply_to,
     }))
 }
 
@@ -209,11 +236,16 @@ pub(crate) mod tests {
                 function: f.into(),
                 payload: b"hi".to_vec(),
                 timeout_ms: None,
+                reply_to: None,
             })
         };
         match on_arrival(&c, task("echo"), false) {
-            Intake::Ran { function, result } => {
-                assert_eq!(function, "echo");
+            Intake::Ran {
+                function,
+                result,
+                reply_to,
+            } => {
+                assert_eq!((function.as_str(), reply_to), ("echo", None));
                 assert_eq!(
                     (result.task_id.as_str(), result.status, result.attempts),
                     ("t", endpoint_wire::Status::Ok, 1)
@@ -230,6 +262,7 @@ pub(crate) mod tests {
             task_id: "t".into(),
             function: "echo".into(),
             reason: "bad".into(),
+            reply_to: None,
         };
         assert_eq!(on_arrival(&c, rejected.clone(), false), rejected);
     }
@@ -247,6 +280,7 @@ pub(crate) mod tests {
             timeout: t,
             header_bytes: 0,
             body_size: body.len() as u64,
+            reply_to: None,
         };
         let got = classify(&config(), fields, body.as_bytes().to_vec());
         match (got, want) {
@@ -318,8 +352,40 @@ pub(crate) mod tests {
             kind: Some(b"echo".to_vec()),
             headers: None,
             delivery_mode: Some(2),
+            reply_to: None,
         };
         check_raw(good(), Some("task None"));
+        // reply_to names the service; one that cannot be a routing key word is rejected (to the shared queue).
+        let to = |name: &[u8]| RawProperties {
+            reply_to: Some(name.to_vec()),
+            ..good()
+        };
+        let m = |props| RawMessage {
+            delivery_tag: 1,
+            redelivered: false,
+            properties: props,
+            body_size: 0,
+            body: Vec::new(),
+        };
+        match classify_raw(&config(), m(to(b"svc-1"))) {
+            Some(Intake::Task(t)) => assert_eq!(t.reply_to.unwrap().as_str(), "svc-1"),
+            other => panic!("{other:?}"),
+        }
+        match classify_raw(&config(), m(to(b""))) {
+            Some(Intake::Task(t)) => assert_eq!(t.reply_to, None),
+            other => panic!("{other:?}"),
+        }
+        for bad in [&b"a.b"[..], b"a*", b"\xff"] {
+            match classify_raw(&config(), m(to(bad))) {
+                Some(Intake::Rejected {
+                    reason, reply_to, ..
+                }) => {
+                    assert!(reason.contains("reply_to"), "{reason}");
+                    assert_eq!(reply_to, None);
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
         let timeout = table_entry(
             HEADER_TIMEOUT_MS.as_bytes(),
             FIELD_SIGNED_32,

@@ -1,48 +1,8 @@
-//! Waiting between attempts: the clamped, jittered exponential [`Backoff`] every retry loop of the agent uses,
-//! and [`until_stopped`], the one loop that retries an operation until it succeeds or the agent stops it.
+//! Retrying: [`until_stopped`], the one loop that retries an operation until it succeeds or the agent stops it,
+//! waiting the clamped, jittered exponential [`Backoff`] of the contract crate between attempts.
 
-use backon::BackoffBuilder;
-use std::time::Duration;
+pub use endpoint_wire::Backoff;
 use tokio_util::sync::CancellationToken;
-
-/// Jittered exponential backoff between `min` and `max`. backon's jitter adds up to 100% of the delay, which
-/// can overshoot the maximum, so every delay is clamped to `max`.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    inner: backon::ExponentialBackoff,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            inner: Self::build(min, max),
-        }
-    }
-
-    fn build(min: Duration, max: Duration) -> backon::ExponentialBackoff {
-        backon::ExponentialBuilder::new()
-            .with_jitter()
-            .with_min_delay(min)
-            .with_max_delay(max)
-            .with_factor(2.0)
-            .without_max_times()
-            .build()
-    }
-
-    /// The next delay to wait, never above the maximum.
-    pub fn next_delay(&mut self) -> Duration {
-        self.inner.next().unwrap_or(self.max).min(self.max)
-    }
-
-    /// Start over from the minimum delay (after a success).
-    pub fn reset(&mut self) {
-        self.inner = Self::build(self.min, self.max);
-    }
-}
 
 /// An error a retry loop logs. A condition that was already reported once where it arose (a full disk, by the
 /// store) is logged at debug level on each retry; anything else is worth an error line every time.
@@ -83,17 +43,7 @@ pub(crate) async fn until_stopped<T, E: Retryable, F: Future<Output = Result<T, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn backoff_is_clamped_and_resets() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        let mut b = Backoff::new(min, max);
-        let delays: Vec<_> = (0..20).map(|_| b.next_delay()).collect();
-        assert!(delays.iter().all(|d| *d >= min && *d <= max), "{delays:?}");
-        assert_eq!(delays[19], max);
-        b.reset();
-        assert!(b.next_delay() <= min * 2);
-    }
+    use std::time::Duration;
 
     struct Flaky(&'static str);
 

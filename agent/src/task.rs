@@ -2,7 +2,7 @@
 //! delivery ([`Intake`]), a task claimed for a run ([`ClaimedTask`]), its [`TaskResult`], and the [`Counts`]
 //! of tasks and results in each state. Data only: no I/O, no broker, no SQLite.
 
-use endpoint_wire::Status;
+use endpoint_wire::{ServiceName, Status};
 
 /// A task accepted from the broker, ready to be queued.
 #[derive(Clone, Debug, PartialEq)]
@@ -11,6 +11,8 @@ pub struct NewTask {
     pub function: String,
     pub payload: Vec<u8>,
     pub timeout_ms: Option<u64>,
+    /// The service whose queue gets the result (the task's `reply_to`); `None`: the shared `results` queue.
+    pub reply_to: Option<ServiceName>,
 }
 
 /// What one delivery becomes, handed to the store by the subscriber.
@@ -22,11 +24,13 @@ pub enum Intake {
         task_id: String,
         function: String,
         reason: String,
+        reply_to: Option<ServiceName>,
     },
     /// A task already run on arrival (see `executor::run_on_arrival`): recorded as done with its result.
     Ran {
         function: String,
         result: TaskResult,
+        reply_to: Option<ServiceName>,
     },
 }
 

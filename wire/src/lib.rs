@@ -6,6 +6,7 @@
 //! No SQLite and no runtime: depending on this crate costs a service lapin and nothing of the agent.
 
 pub mod amqp;
+mod backoff;
 mod error;
 mod names;
 mod payloads;
@@ -14,6 +15,7 @@ mod time;
 pub mod tls;
 mod url;
 
+pub use backoff::Backoff;
 pub use error::{BrokerError, soft_error};
 pub use names::*;
 pub use payloads::*;

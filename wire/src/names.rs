@@ -7,11 +7,14 @@ use std::fmt;
 
 /// Durable direct exchange tasks are published to, with routing key `<EP>.tasks`.
 pub const TASKS_EXCHANGE: &str = "tasks";
-/// Durable topic exchange results are published to, with routing key `<EP>.results`.
+/// Durable topic exchange results are published to, with routing key `<EP>.results` (a task that named no
+/// service) or `<EP>.results.<SERVICE>` (a task whose `reply_to` named a service).
 pub const RESULTS_EXCHANGE: &str = "results";
-/// Durable queue bound to [`RESULTS_EXCHANGE`] with [`RESULTS_BINDING`]: where the service reads results.
+/// Durable queue bound to [`RESULTS_EXCHANGE`] with [`RESULTS_BINDING`]: the shared queue, where results of
+/// tasks that named no service go.
 pub const RESULTS_QUEUE: &str = "results";
-/// Binding of [`RESULTS_QUEUE`]: one word (the endpoint id) followed by `.results`.
+/// Binding of [`RESULTS_QUEUE`]: one word (the endpoint id) followed by `.results`. It does not match
+/// `<EP>.results.<SERVICE>`: a service's results reach only that service's queue.
 pub const RESULTS_BINDING: &str = "*.results";
 /// Durable topic exchange heartbeats are published to, with routing key `<EP>.heartbeat` (a topic exchange,
 /// so a broker user of one endpoint can be confined to its own routing key).
@@ -34,6 +37,8 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const MAX_ENDPOINT_ID_LEN: usize = 128;
 /// Longest task id (AMQP `message_id` is a short string).
 pub const MAX_TASK_ID_LEN: usize = 255;
+/// Longest service name; keeps its queue name and routing keys well under AMQP's 255-byte short string.
+pub const MAX_SERVICE_NAME_LEN: usize = 64;
 
 /// An endpoint id: 1 to 128 of `A-Z a-z 0-9 _ -`. No dots, because the results binding `*.results` matches
 /// exactly one word before `.results`, and no topic wildcards.
@@ -100,9 +105,115 @@ impl EndpointId {
         self.heartbeat_queue()
     }
 
-    /// The endpoint id a results routing key `<EP>.results` names, if it is one.
+    /// Routing key of this endpoint's results for `service` (`<EP>.results.<SERVICE>`), or of its results for
+    /// the shared queue (`<EP>.results`) when the task named no service.
+    pub fn results_routing_key_for(&self, service: Option<&ServiceName>) -> String {
+        match service {
+            Some(s) => format!("{}.results.{}", self.0, s.0),
+            None => self.results_routing_key(),
+        }
+    }
+
+    /// The endpoint id a results routing key (`<EP>.results` or `<EP>.results.<SERVICE>`) names, if it is one.
     pub fn from_results_routing_key(key: &str) -> Option<EndpointId> {
-        EndpointId::new(key.strip_suffix(".results")?).ok()
+        Self::parse_results_routing_key(key).map(|(ep, _)| ep)
+    }
+
+    /// The endpoint and (for `<EP>.results.<SERVICE>`) the service a results routing key names.
+    pub fn parse_results_routing_key(key: &str) -> Option<(EndpointId, Option<ServiceName>)> {
+        let mut words = key.split('.');
+        let ep = EndpointId::new(words.next()?).ok()?;
+        if words.next()? != "results" {
+            return None;
+        }
+        let service = match words.next() {
+            None => None,
+            Some(s) => Some(ServiceName::new(s).ok()?),
+        };
+        if words.next().is_some() {
+            return None;
+        }
+        Some((ep, service))
+    }
+}
+
+/// The name of a service instance: 1 to 64 of `A-Z a-z 0-9 _ -`. A task names its service in `reply_to`;
+/// the agent then publishes its result with routing key `<EP>.results.<SERVICE>`, which only the service's own
+/// queue ([`ServiceName::results_queue`]) is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServiceName(String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ServiceNameError {
+    #[error("service name is empty: pass 1 to {MAX_SERVICE_NAME_LEN} characters")]
+    Empty,
+    #[error("service name is {0} characters long: at most {MAX_SERVICE_NAME_LEN} are allowed")]
+    TooLong(usize),
+    #[error(
+        "service name {0:?} contains {1:?}: use only letters, digits, '_' and '-' (it becomes a word of a routing key)"
+    )]
+    BadChar(String, char),
+}
+
+impl ServiceName {
+    pub fn new(name: impl Into<String>) -> Result<Self, ServiceNameError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(ServiceNameError::Empty);
+        }
+        if name.len() > MAX_SERVICE_NAME_LEN {
+            return Err(ServiceNameError::TooLong(name.len()));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+        {
+            return Err(ServiceNameError::BadChar(name, c));
+        }
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The service's durable results queue: `service.<SERVICE>.results` (three words, so it never collides
+    /// with an endpoint's `<EP>.<kind>` queues).
+    pub fn results_queue(&self) -> String {
+        format!("service.{}.results", self.0)
+    }
+
+    /// The binding of [`ServiceName::results_queue`] on [`RESULTS_EXCHANGE`]: `*.results.<SERVICE>`, every
+    /// endpoint's results for this service.
+    pub fn results_binding(&self) -> String {
+        format!("*.results.{}", self.0)
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = ServiceNameError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::new(s)
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(s: ServiceName) -> Self {
+        s.0
+    }
+}
+
+impl std::str::FromStr for ServiceName {
+    type Err = ServiceNameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -159,5 +270,44 @@ mod tests {
         assert_eq!(ep.results_routing_key(), "ep1.results");
         assert_eq!(ep.registration_queue(), "ep1.registration");
         assert_eq!(ep.heartbeat_queue(), "ep1.heartbeat");
+        let svc = ServiceName::new("billing-1").unwrap();
+        assert_eq!(ep.results_routing_key_for(None), "ep1.results");
+        assert_eq!(
+            ep.results_routing_key_for(Some(&svc)),
+            "ep1.results.billing-1"
+        );
+        assert_eq!(svc.results_queue(), "service.billing-1.results");
+        assert_eq!(svc.results_binding(), "*.results.billing-1");
+    }
+
+    #[test]
+    fn results_routing_keys() {
+        let parse = |k: &str| {
+            EndpointId::parse_results_routing_key(k)
+                .map(|(e, s)| (e.to_string(), s.map(|s| s.to_string())))
+        };
+        assert_eq!(parse("a.results"), Some(("a".into(), None)));
+        assert_eq!(parse("a.results.s1"), Some(("a".into(), Some("s1".into()))));
+        assert_eq!(parse("a.results.s1.x"), None);
+        assert_eq!(parse("a.result"), None);
+        assert_eq!(parse("a.results."), None);
+        assert_eq!(parse("a"), None);
+        assert_eq!(parse("a.b.results"), None);
+        assert_eq!(
+            EndpointId::from_results_routing_key("a.results.s")
+                .unwrap()
+                .as_str(),
+            "a"
+        );
+    }
+
+    #[test]
+    fn service_names() {
+        assert!(ServiceName::new("svc_1-a").is_ok());
+        assert_eq!(ServiceName::new(""), Err(ServiceNameError::Empty));
+        assert!(ServiceName::new("a.b").is_err());
+        assert!(ServiceName::new("a*").is_err());
+        assert!(ServiceName::new("x".repeat(MAX_SERVICE_NAME_LEN)).is_ok());
+        assert!(ServiceName::new("x".repeat(MAX_SERVICE_NAME_LEN + 1)).is_err());
     }
 }

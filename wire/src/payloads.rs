@@ -8,7 +8,9 @@ use std::fmt;
 /// Version of the wire contract. Bumped on any incompatible change; the agent refuses a registration whose
 /// version it does not speak. 2: heartbeats go through the `heartbeats` topic exchange (not the default
 /// exchange), results carry the publisher's `user_id`, the registration names the endpoint's broker user.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: a task may name a service in `reply_to`; its result is then published with routing key
+/// `<EP>.results.<SERVICE>` and reaches only that service's queue.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Outcome of a task as carried in the `status` header of its result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

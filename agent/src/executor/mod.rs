@@ -108,6 +108,7 @@ pub(crate) async fn execute(
 pub fn run_on_arrival(config: &Config, task: NewTask) -> Intake {
     match config.function(&task.function) {
         Some(Function::Echo) => Intake::Ran {
+            reply_to: task.reply_to,
             function: task.function,
             result: TaskResult {
                 task_id: task.task_id,

@@ -175,6 +175,7 @@ mod tests {
                         function: function.into(),
                         payload: payload.as_bytes().to_vec(),
                         timeout_ms: None,
+                        reply_to: None,
                     })
                 })
                 .collect()

@@ -131,6 +131,8 @@ pub const FIELD_VOID: u8 = b'V';
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawProperties {
     pub message_id: Option<Vec<u8>>,
+    /// The AMQP `reply_to` property: the service whose queue gets the result.
+    pub reply_to: Option<Vec<u8>>,
     /// The AMQP `type` property: the function name.
     pub kind: Option<Vec<u8>>,
     /// The encoded field-table entries of the headers, without the table's 4-byte length prefix.
@@ -341,7 +343,7 @@ pub(super) fn encode_content_header(body_len: usize, props: &RawProperties) -> V
     header.extend_from_slice(&(body_len as u64).to_be_bytes());
     let mut flags = 0u16;
     let mut list = Vec::new();
-    // In wire order: headers, delivery mode, message id, type.
+    // In wire order: headers, delivery mode, reply-to, message id, type.
     if let Some(h) = &props.headers {
         flags |= PROP_HEADERS;
         long_str(&mut list, h);
@@ -349,6 +351,10 @@ pub(super) fn encode_content_header(body_len: usize, props: &RawProperties) -> V
     if let Some(mode) = props.delivery_mode {
         flags |= PROP_DELIVERY_MODE;
         list.push(mode);
+    }
+    if let Some(to) = &props.reply_to {
+        flags |= PROP_REPLY_TO;
+        short_str(&mut list, to);
     }
     if let Some(id) = &props.message_id {
         flags |= PROP_MESSAGE_ID;
@@ -394,11 +400,12 @@ pub(super) fn parse_content_header(p: &[u8]) -> Result<(u64, RawProperties), Str
                 take(&mut t, 1).ok_or_else(|| malformed("priority"))?;
             }
             PROP_MESSAGE_ID => props.message_id = Some(short(&mut t)?),
+            PROP_REPLY_TO => props.reply_to = Some(short(&mut t)?),
             PROP_TIMESTAMP => {
                 take(&mut t, 8).ok_or_else(|| malformed("timestamp"))?;
             }
             PROP_TYPE => props.kind = Some(short(&mut t)?),
-            // content type, content encoding, correlation id, reply-to, expiration, user id, app id, cluster id
+            // content type, content encoding, correlation id, expiration, user id, app id, cluster id
             _ => {
                 short(&mut t)?;
             }
@@ -512,6 +519,7 @@ mod tests {
             kind: Some(b"echo".to_vec()),
             headers: Some(table_entry(b"k", FIELD_SIGNED_64, &5i64.to_be_bytes())),
             delivery_mode: Some(2),
+            reply_to: Some(b"svc-1".to_vec()),
         };
         let (size, back) = parse_content_header(&encode_content_header(300_000, &props)).unwrap();
         assert_eq!((size, back), (300_000, props));

@@ -1,7 +1,9 @@
 //! Sends the endpoint's results: published `mandatory` and persistent with publisher confirms, pipelined, and
 //! marked published in the store only on the broker's ack (a nack, a return or a lost connection leaves them
-//! pending for replay). Woken by the store when results are committed. Reads results from the store, never
-//! writes anything but the "published" mark.
+//! pending for replay). A result whose task named a service goes to that service's routing key; if no queue
+//! takes it there (the service's queue is gone), it goes to the shared `results` queue instead of bouncing
+//! forever. Woken by the store when results are committed. Reads results from the store, never writes
+//! anything but the "published" mark.
 
 use crate::config::Config;
 use crate::limits::{
@@ -10,11 +12,11 @@ use crate::limits::{
 use crate::retry::{self, Backoff};
 use crate::store::{Reader, Store, StoreError};
 use crate::task::TaskResult;
-use endpoint_wire::{self as wire, BrokerError};
+use endpoint_wire::{self as wire, BrokerError, ServiceName};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 struct InFlight {
     id: i64,
     task_id: String,
+    /// The service it was addressed to (`None`: sent to the shared queue).
+    service: Option<ServiceName>,
     confirm: PublisherConfirm,
 }
 
@@ -72,6 +76,8 @@ impl Publisher {
         // Some result at or below the cursor is still pending (refused, or its mark failed).
         let mut rescan = false;
         let mut acked: Vec<i64> = Vec::new();
+        // Results a service's queue did not take: they go to the shared queue when published again.
+        let mut unaddressed: HashSet<i64> = HashSet::new();
         let mut marking: Option<Marking> = None;
         let reader = ReaderSlot::default();
         // New results may be waiting (a notification came, or the last read was full): read before waiting.
@@ -113,15 +119,19 @@ impl Publisher {
                 .await;
                 let Some(pending) = read else { continue };
                 fresh = pending.len() == limit;
-                if let Some((last, _)) = pending.last() {
+                if let Some((last, _, _)) = pending.last() {
                     cursor = *last;
                     drained = false;
                 }
-                for (id, r) in pending {
-                    let confirm = self.publish_result(&channel, &r, user_id).await?;
+                for (id, r, service) in pending {
+                    let service = service.filter(|_| !unaddressed.contains(&id));
+                    let confirm = self
+                        .publish_result(&channel, &r, service.as_ref(), user_id)
+                        .await?;
                     in_flight.push_back(InFlight {
                         id,
                         task_id: r.task_id,
+                        service,
                         confirm,
                     });
                 }
@@ -155,14 +165,14 @@ impl Publisher {
                 biased;
                 c = async { (&mut in_flight.front_mut().expect("checked non-empty").confirm).await }, if !in_flight.is_empty() => {
                     let head = in_flight.pop_front().expect("checked non-empty");
-                    let mut refused = self.settle(head, c, &mut acked)?;
+                    let mut refused = self.settle(head, c, &mut acked, &mut unaddressed)?;
                     // Everything else already confirmed joins this group.
                     while let Some(next) = in_flight.front_mut() {
                         let Some(c) = futures_lite::future::poll_once(&mut next.confirm).await else {
                             break;
                         };
                         let next = in_flight.pop_front().expect("checked non-empty");
-                        refused += self.settle(next, c, &mut acked)?;
+                        refused += self.settle(next, c, &mut acked, &mut unaddressed)?;
                     }
                     if refused > 0 {
                         rescan = true;
@@ -194,18 +204,20 @@ impl Publisher {
         }
     }
 
-    /// Publishes one result (`mandatory`, persistent); returns its pending confirm.
+    /// Publishes one result (`mandatory`, persistent) for `service` (or the shared queue); returns its pending
+    /// confirm.
     async fn publish_result(
         &self,
         channel: &Channel,
         r: &TaskResult,
+        service: Option<&ServiceName>,
         user_id: Option<&str>,
     ) -> Result<PublisherConfirm, BrokerError> {
         let ep = &self.config.endpoint_id;
         channel
             .basic_publish(
                 wire::RESULTS_EXCHANGE.into(),
-                ep.results_routing_key().into(),
+                ep.results_routing_key_for(service).into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -217,18 +229,28 @@ impl Publisher {
             .map_err(|e| BrokerError::amqp("while publishing results", e))
     }
 
-    /// Sorts one confirm: a plain ack goes to `acked`; a nack or a return counts as refused (returns 1).
+    /// Sorts one confirm: a plain ack goes to `acked`; a nack or a return counts as refused (returns 1). A
+    /// result returned from a service's routing key joins `unaddressed`, to go to the shared queue next time.
     fn settle(
         &self,
         sent: InFlight,
         confirm: lapin::Result<Confirmation>,
         acked: &mut Vec<i64>,
+        unaddressed: &mut HashSet<i64>,
     ) -> Result<usize, BrokerError> {
         let task_id = &sent.task_id;
         match confirm.map_err(|e| BrokerError::amqp("while publishing results", e))? {
             Confirmation::Ack(None) => {
                 acked.push(sent.id);
+                unaddressed.remove(&sent.id);
                 Ok(0)
+            }
+            Confirmation::Ack(Some(returned)) if sent.service.is_some() => {
+                let service = sent.service.as_ref().map(ServiceName::as_str);
+                tracing::warn!(task_id = %task_id, service, reply = %returned.reply_text,
+                    "no queue of the service the task named takes its result (was the service's queue deleted?): it goes to the shared `results` queue");
+                unaddressed.insert(sent.id);
+                Ok(1)
             }
             Confirmation::Ack(Some(returned)) => {
                 tracing::warn!(task_id = %task_id, reply = %returned.reply_text,
@@ -254,7 +276,7 @@ async fn read_pending(
     config: &Config,
     after: i64,
     limit: usize,
-) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+) -> Result<Vec<(i64, TaskResult, Option<ServiceName>)>, StoreError> {
     let dir = config.data_dir.clone();
     tokio::task::spawn_blocking(move || {
         let mut slot = reader.lock().expect("the reader's lock is never poisoned");

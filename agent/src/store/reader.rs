@@ -6,6 +6,7 @@ use super::schema::read_counts;
 use super::{DB_FILE, StoreError, sql};
 use crate::limits::SQLITE_BUSY_TIMEOUT;
 use crate::task::{Counts, TaskResult};
+use endpoint_wire::ServiceName;
 use rusqlite::Connection;
 use std::path::Path;
 
@@ -32,7 +33,7 @@ impl Reader {
         &self,
         after: i64,
         limit: usize,
-    ) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+    ) -> Result<Vec<(i64, TaskResult, Option<ServiceName>)>, StoreError> {
         sql::pending(&self.conn, after, limit)
     }
 }

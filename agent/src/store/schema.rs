@@ -82,6 +82,20 @@ pub(super) fn open_db(path: &Path) -> rusqlite::Result<Connection> {
         CREATE INDEX IF NOT EXISTS results_published ON results(published_at_ms) WHERE published_at_ms IS NOT NULL;
         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     )?;
+    // Protocol 3: the service a result goes to. Databases of earlier agents get the column (NULL: the shared
+    // queue, which is where their results went).
+    for table in ["tasks", "results"] {
+        let has: bool = conn.query_row(
+            &format!(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = 'reply_to'"
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN reply_to TEXT"))?;
+        }
+    }
     Ok(conn)
 }
 

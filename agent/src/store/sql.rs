@@ -7,7 +7,7 @@ use super::StoreError;
 use crate::claim::{self, Quarantine, Selection, Suspect, Take, Want};
 use crate::meta::MetaKey;
 use crate::task::{ClaimedTask, Counts, IngestOutcome, Intake, TaskResult};
-use endpoint_wire::{Status, now_ms};
+use endpoint_wire::{ServiceName, Status, now_ms};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Task states as stored in `tasks.state`.
@@ -56,15 +56,16 @@ pub(super) fn ingest(
     let now = now_ms() as i64;
     let mut out = IngestOutcome::default();
     let mut insert = tx.prepare_cached(
-        "INSERT INTO tasks (task_id, function, payload, timeout_ms, state, received_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(task_id) DO NOTHING",
+        "INSERT INTO tasks (task_id, function, payload, timeout_ms, state, received_at_ms, reply_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(task_id) DO NOTHING",
     )?;
     for item in items {
         match item {
             Intake::Task(t) => {
                 let timeout = t.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64);
+                let reply_to = t.reply_to.as_ref().map(ServiceName::as_str);
                 if insert.execute(params![
-                    t.task_id, t.function, t.payload, timeout, QUEUED, now
+                    t.task_id, t.function, t.payload, timeout, QUEUED, now, reply_to
                 ])? == 0
                 {
                     out.duplicates += 1;
@@ -77,6 +78,7 @@ pub(super) fn ingest(
                 task_id,
                 function,
                 reason,
+                reply_to,
             } => {
                 let result = TaskResult {
                     task_id,
@@ -86,14 +88,18 @@ pub(super) fn ingest(
                     duration_ms: 0,
                     body: reason.into_bytes(),
                 };
-                if insert_done(tx, &mut insert, &function, &result, now, d)? {
+                if insert_done(tx, &mut insert, &function, &result, reply_to, now, d)? {
                     out.rejected += 1;
                 } else {
                     out.duplicates += 1;
                 }
             }
-            Intake::Ran { function, result } => {
-                if insert_done(tx, &mut insert, &function, &result, now, d)? {
+            Intake::Ran {
+                function,
+                result,
+                reply_to,
+            } => {
+                if insert_done(tx, &mut insert, &function, &result, reply_to, now, d)? {
                     out.ran += 1;
                 } else {
                     out.duplicates += 1;
@@ -111,6 +117,7 @@ fn insert_done(
     insert: &mut rusqlite::CachedStatement,
     function: &str,
     result: &TaskResult,
+    reply_to: Option<ServiceName>,
     now: i64,
     d: &mut Delta,
 ) -> Result<bool, StoreError> {
@@ -121,7 +128,8 @@ fn insert_done(
         empty,
         None::<i64>,
         RUNNING,
-        now
+        now,
+        reply_to.as_ref().map(ServiceName::as_str)
     ])? == 0
     {
         return Ok(false);
@@ -145,8 +153,9 @@ pub(super) fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool,
         return Ok(false);
     }
     tx.prepare_cached(
-        "INSERT INTO results (task_id, status, exit_code, attempts, duration_ms, body, finished_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(task_id) DO NOTHING",
+        "INSERT INTO results (task_id, status, exit_code, attempts, duration_ms, body, finished_at_ms, reply_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, (SELECT reply_to FROM tasks WHERE task_id = ?1))
+         ON CONFLICT(task_id) DO NOTHING",
     )?
     .execute(params![
             r.task_id,
@@ -346,13 +355,14 @@ pub(super) fn claim(
     Ok(rows.into_iter().map(|(_, t)| t).collect())
 }
 
+/// Results not yet published past row `after`, oldest first: row id, result, and the service it goes to.
 pub(super) fn pending(
     conn: &Connection,
     after: i64,
     limit: usize,
-) -> Result<Vec<(i64, TaskResult)>, StoreError> {
+) -> Result<Vec<(i64, TaskResult, Option<ServiceName>)>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, task_id, status, exit_code, attempts, duration_ms, body FROM results
+        "SELECT seq, task_id, status, exit_code, attempts, duration_ms, body, reply_to FROM results
          WHERE published_at_ms IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after, limit.min(i64::MAX as usize) as i64], |r| {
@@ -367,6 +377,9 @@ pub(super) fn pending(
                 duration_ms: r.get::<_, i64>(5)?.max(0) as u64,
                 body: r.get(6)?,
             },
+            // Checked on intake; a name that no longer parses goes to the shared queue.
+            r.get::<_, Option<String>>(7)?
+                .and_then(|s| ServiceName::new(s).ok()),
         ))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

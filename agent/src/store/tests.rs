@@ -14,6 +14,7 @@ fn task(id: &str) -> Intake {
         function: "echo".into(),
         payload: id.as_bytes().to_vec(),
         timeout_ms: None,
+        reply_to: None,
     })
 }
 
@@ -56,6 +57,7 @@ async fn task_life_cycle_and_dedup() {
         task_id: "c".into(),
         function: "nope".into(),
         reason: "unknown".into(),
+        reply_to: None,
     };
     assert_eq!(store.ingest(vec![bad]).await.unwrap().rejected, 1);
     assert_eq!(
@@ -87,7 +89,7 @@ async fn task_life_cycle_and_dedup() {
     );
 
     let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
-    let ids: Vec<_> = pending.iter().map(|(_, r)| r.task_id.as_str()).collect();
+    let ids: Vec<_> = pending.iter().map(|(_, r, _)| r.task_id.as_str()).collect();
     assert_eq!(ids, ["c", "a", "b"]);
     assert_eq!(pending[0].1.status, Status::Rejected);
     store
@@ -121,6 +123,7 @@ async fn a_task_run_on_arrival_is_stored_done_with_its_result() {
             duration_ms: 0,
             body: body.into(),
         },
+        reply_to: None,
     };
     let out = store
         .ingest(vec![
@@ -254,7 +257,7 @@ async fn claims_and_stores_several_per_commit() {
         .unwrap()
         .pending_results(page[1].0, 10)
         .unwrap();
-    let ids: Vec<_> = next.iter().map(|(_, r)| r.task_id.as_str()).collect();
+    let ids: Vec<_> = next.iter().map(|(_, r, _)| r.task_id.as_str()).collect();
     assert_eq!(ids, ["c"]);
 }
 
@@ -268,6 +271,7 @@ async fn a_claim_of_several_holds_only_batchable_functions() {
             function: function.into(),
             payload: Vec::new(),
             timeout_ms: None,
+            reply_to: None,
         })
     };
     let tasks = [
@@ -311,6 +315,7 @@ async fn a_claim_holds_a_bounded_number_of_payload_bytes() {
             function: "echo".into(),
             payload: vec![0; MAX_CLAIM_BYTES * 3 / 5],
             timeout_ms: None,
+            reply_to: None,
         })
     };
     store
@@ -504,4 +509,62 @@ async fn checkpoint_leaves_the_database_file_complete() {
 
 fn tempdir(name: &str) -> crate::testing::TestDir {
     crate::testing::TestDir::new(&format!("store-{name}"))
+}
+
+#[tokio::test]
+async fn results_remember_the_service_their_task_named() {
+    let dir = tempdir("reply-to");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let svc = || Some(endpoint_wire::ServiceName::new("svc-1").unwrap());
+    let mut queued = NewTask {
+        task_id: "queued".into(),
+        function: "echo".into(),
+        payload: Vec::new(),
+        timeout_ms: None,
+        reply_to: svc(),
+    };
+    let ran = Intake::Ran {
+        function: "echo".into(),
+        result: TaskResult {
+            task_id: "ran".into(),
+            status: Status::Ok,
+            exit_code: None,
+            attempts: 1,
+            duration_ms: 0,
+            body: Vec::new(),
+        },
+        reply_to: svc(),
+    };
+    let rejected = Intake::Rejected {
+        task_id: "rejected".into(),
+        function: "nope".into(),
+        reason: "unknown".into(),
+        reply_to: svc(),
+    };
+    store
+        .ingest(vec![Intake::Task(queued.clone()), ran, rejected])
+        .await
+        .unwrap();
+    queued.task_id = "shared".into();
+    queued.reply_to = None;
+    store.ingest(vec![Intake::Task(queued)]).await.unwrap();
+    let claimed = store.finish_and_claim(vec![], 10).await.unwrap();
+    store
+        .finish_and_claim(claimed.iter().map(ok).collect(), 0)
+        .await
+        .unwrap();
+    let pending = Reader::open(&dir).unwrap().pending_results(0, 10).unwrap();
+    let routes: Vec<_> = pending
+        .iter()
+        .map(|(_, r, s)| (r.task_id.as_str(), s.as_ref().map(|s| s.as_str())))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("ran", Some("svc-1")),
+            ("rejected", Some("svc-1")),
+            ("queued", Some("svc-1")),
+            ("shared", None)
+        ]
+    );
 }
