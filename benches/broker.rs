@@ -86,7 +86,8 @@ impl RunState {
         }
     }
 
-    fn receive(&self, seq: usize, at: Instant) {
+    /// Records the result of task `seq` arriving at `at` (a duplicate counts as one).
+    pub fn receive(&self, seq: usize, at: Instant) {
         let Some(sent) = self.sent.get(seq).map(|s| s.load(Ordering::Relaxed)) else {
             return;
         };
@@ -399,6 +400,7 @@ fn specs(run: u64, seqs: &[usize], function: &str, payload: &[u8]) -> Vec<TaskSp
             function: function.to_owned(),
             payload: payload.to_vec(),
             timeout_ms: None,
+            reply_to: None,
         })
         .collect()
 }

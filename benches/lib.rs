@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod call;
 pub mod forward;
 pub mod raw;
 pub mod report;

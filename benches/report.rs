@@ -126,6 +126,8 @@ pub struct Row {
     pub endpoints: usize,
     /// Whether the row also runs the Python function as a pool and as a command.
     pub python: bool,
+    /// Whether the row also runs `echo` through the service library's calls.
+    pub library: bool,
     pub raw: Vec<Sample>,
     /// The agent running the built-in `echo`.
     pub agent: Vec<Sample>,
@@ -133,6 +135,8 @@ pub struct Row {
     pub pool: Vec<Sample>,
     /// The same Python function as a command (a process per task).
     pub command: Vec<Sample>,
+    /// `echo` through `service_setup::Client::call` (submit and wait for that task's result).
+    pub call: Vec<Sample>,
 }
 
 pub fn payload_label(bytes: usize) -> String {
@@ -150,10 +154,12 @@ impl Row {
             rate,
             endpoints,
             python: false,
+            library: false,
             raw: vec![],
             agent: vec![],
             pool: vec![],
             command: vec![],
+            call: vec![],
         }
     }
 
@@ -198,12 +204,21 @@ impl Row {
             doc["pool_over_command_tasks_per_s"] =
                 json!(round(pool.tasks_per_s / command.tasks_per_s));
         }
+        if self.library {
+            let call = Medians::of(&self.call);
+            doc["library_call"] = mode(&self.call);
+            doc["call_over_agent"] = json!({
+                "tasks_per_s": round(call.tasks_per_s / agent.tasks_per_s),
+                "p50": round(call.p50_ms / agent.p50_ms),
+                "p50_ms_delta": round(call.p50_ms - agent.p50_ms),
+            });
+        }
         doc
     }
 }
 
 /// The table printed at the end: one line per row and mode, medians over repetitions. The ratio is to raw for
-/// `agent` (echo), to `agent` for `pool`, and the pool's to the command's for `cmd`.
+/// `agent` (echo), to `agent` for `pool` and `call`, and the pool's to the command's for `cmd`.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -225,6 +240,7 @@ pub fn table(rows: &[Row]) -> String {
     for r in rows {
         let (raw, agent) = (Medians::of(&r.raw), Medians::of(&r.agent));
         let (pool, command) = (Medians::of(&r.pool), Medians::of(&r.command));
+        let call = Medians::of(&r.call);
         let mut modes = vec![
             ("raw", &raw, r.raw.len(), String::new()),
             (
@@ -246,6 +262,14 @@ pub fn table(rows: &[Row]) -> String {
                 &command,
                 r.command.len(),
                 format!("1/{:.1}", pool.tasks_per_s / command.tasks_per_s),
+            ));
+        }
+        if r.library {
+            modes.push((
+                "call",
+                &call,
+                r.call.len(),
+                format!("{:.3}", call.tasks_per_s / agent.tasks_per_s),
             ));
         }
         for (mode, m, n, ratio) in modes {

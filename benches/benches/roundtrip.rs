@@ -93,6 +93,12 @@ struct Args {
     /// Skip the Python function rows (a pool of workers and a command per task, next to `echo`).
     #[arg(long)]
     skip_python: bool,
+    /// Skip the `call` rows (`echo` through the service library's `Client::call`).
+    #[arg(long)]
+    skip_calls: bool,
+    /// Concurrent callers in the full-blast `call` row (each calls again as soon as its call returns).
+    #[arg(long, default_value_t = 64)]
+    callers: usize,
     /// Use this endpoint-agent binary instead of building it with `cargo build --release -p endpoint-agent`.
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
@@ -121,6 +127,9 @@ struct Plan {
     backlog: usize,
     /// Whether the Python rows run (python3 is there and --skip-python was not given).
     python: bool,
+    /// Whether the `call` rows run.
+    calls: bool,
+    callers: usize,
 }
 
 impl Plan {
@@ -143,6 +152,8 @@ impl Plan {
             }),
             backlog: a.backlog.unwrap_or(if a.full { 100_000 } else { 10_000 }),
             python: !a.skip_python && agent::python_available(),
+            calls: !a.skip_calls,
+            callers: a.callers.max(1),
         };
         if !a.skip_python && !plan.python {
             eprintln!("python3 does not run here: the Python pool and command rows are skipped");
@@ -186,9 +197,10 @@ impl Plan {
         }
         // The Python function runs at the smallest payload, one endpoint, full blast and the lowest rate.
         for r in rows.iter_mut() {
-            r.python = self.python
-                && r.payload == smallest
-                && (r.rate.is_none() || r.rate == rates.first().copied());
+            let measured =
+                r.payload == smallest && (r.rate.is_none() || r.rate == rates.first().copied());
+            r.python = self.python && measured;
+            r.library = self.calls && measured;
         }
         for &n in more {
             rows.push(row(smallest, None, n));
@@ -225,6 +237,8 @@ enum Mode {
     Pool,
     /// The agent running the same Python function as a command.
     Command,
+    /// The agent running `echo`, called through the service library (`Client::call`).
+    Call,
 }
 
 impl Mode {
@@ -234,13 +248,14 @@ impl Mode {
             Mode::Agent => "agent",
             Mode::Pool => "pool",
             Mode::Command => "cmd",
+            Mode::Call => "call",
         }
     }
 
     /// The function its tasks name.
     fn function(self) -> &'static str {
         match self {
-            Mode::Raw | Mode::Agent => endpoint_agent::config::BUILTIN_ECHO,
+            Mode::Raw | Mode::Agent | Mode::Call => endpoint_agent::config::BUILTIN_ECHO,
             Mode::Pool => agent::PY_POOL,
             Mode::Command => agent::PY_COMMAND,
         }
@@ -308,6 +323,7 @@ impl Progress {
 }
 
 struct Bench {
+    callers: usize,
     vhost: Vhost,
     url: BrokerUrl,
     service: Service,
@@ -396,8 +412,8 @@ impl Bench {
                     );
                 }
             }
-            Mode::Agent | Mode::Pool | Mode::Command => {
-                let python = mode != Mode::Agent;
+            Mode::Agent | Mode::Pool | Mode::Command | Mode::Call => {
+                let python = matches!(mode, Mode::Pool | Mode::Command);
                 procs = self.start_agents(&eps, run, 10_000, &self.vhost.url(), python)?;
                 let mut ready = self
                     .service
@@ -421,13 +437,22 @@ impl Bench {
         }
         self.progress.set(label.to_owned(), &state);
         let t0 = Instant::now();
-        let submitted = match row.rate {
-            None => {
+        let client = match mode {
+            Mode::Call => Some(self.call_client(run).await?),
+            _ => None,
+        };
+        let submitted = match (&client, row.rate) {
+            (Some(c), None) => {
+                let callers = self.callers;
+                benches::call::blast(c, &state, &eps[0], &payload, callers).await
+            }
+            (Some(c), Some(r)) => benches::call::paced(c, &state, &eps[0], &payload, r).await,
+            (None, None) => {
                 self.service
                     .blast(&state, &eps, mode.function(), &payload)
                     .await
             }
-            Some(r) => {
+            (None, Some(r)) => {
                 self.service
                     .paced(&state, &eps, mode.function(), &payload, r)
                     .await
@@ -462,10 +487,27 @@ impl Bench {
         for c in raws {
             c.stop().await?;
         }
+        if let Some(c) = client {
+            c.close().await;
+            let service = c.service().clone();
+            let _ =
+                service_setup::delete_service_queue_if_empty(&self.service.conn, &service).await;
+        }
         self.stop_agents(procs)?;
         self.service.purge_shared_results().await?;
         receipts?;
         sample.context("no sample despite receipts")
+    }
+
+    /// A service client of its own for one `call` run (its queue is deleted after the run).
+    async fn call_client(&self, run: u64) -> Result<service_setup::Client> {
+        let name = service_setup::ServiceName::new(format!("bench-{}-{run}", std::process::id()))
+            .context("bench service name")?;
+        let mut options = service_setup::ClientOptions::new(name);
+        options.queue_expires = Some(Duration::from_secs(600));
+        service_setup::Client::connect(std::slice::from_ref(&self.url), options)
+            .await
+            .context("while connecting the bench's service client")
     }
 
     /// `n` tasks queued in the broker before the consumer starts; time from starting it to the last result.
@@ -509,7 +551,7 @@ impl Bench {
                 Sample::from_hist(r.count, secs, &r.hist, r.duplicates)
             }
             // The backlog is `echo` tasks: every agent mode drains it alike.
-            Mode::Agent | Mode::Pool | Mode::Command => {
+            Mode::Agent | Mode::Pool | Mode::Command | Mode::Call => {
                 // max_backlog >= n: the whole backlog may sit on the agent's disk (the RSS target's condition).
                 let procs = self.start_agents(
                     std::slice::from_ref(&ep),
@@ -560,6 +602,7 @@ impl Bench {
                             function: endpoint_agent::config::BUILTIN_ECHO.to_owned(),
                             payload: vec![b'x'; 100],
                             timeout_ms: None,
+                            reply_to: None,
                         })
                     })
                     .collect();
@@ -639,7 +682,7 @@ impl Bench {
 fn cpu_seconds(p: &AgentProc, mode: Mode) -> Result<f64> {
     match mode {
         Mode::Pool | Mode::Command => p.tree_cpu_seconds(),
-        Mode::Raw | Mode::Agent => p.cpu_seconds(),
+        Mode::Raw | Mode::Agent | Mode::Call => p.cpu_seconds(),
     }
 }
 
@@ -740,6 +783,7 @@ async fn run(args: Args) -> Result<()> {
     // The data dirs live on the output dir's disk, never tmpfs: the agent's fsyncs must be real.
     let data = out.join(format!("data-{}", std::process::id()));
     let mut bench = Bench {
+        callers: plan.callers,
         vhost,
         url,
         service,
@@ -775,11 +819,14 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
         plan.rows()
     };
     let modes_of = |row: &Row| {
-        if row.python {
-            vec![Mode::Raw, Mode::Agent, Mode::Pool, Mode::Command]
-        } else {
-            vec![Mode::Raw, Mode::Agent]
+        let mut modes = vec![Mode::Raw, Mode::Agent];
+        if row.library {
+            modes.push(Mode::Call);
         }
+        if row.python {
+            modes.extend([Mode::Pool, Mode::Command]);
+        }
+        modes
     };
     let total_runs: usize = rows.iter().map(|r| modes_of(r).len() * plan.reps).sum();
     if !rows.is_empty() {
@@ -822,6 +869,7 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
                     Mode::Agent => row.agent.push(s),
                     Mode::Pool => row.pool.push(s),
                     Mode::Command => row.command.push(s),
+                    Mode::Call => row.call.push(s),
                 }
             }
         }
@@ -837,6 +885,18 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
             a.p99_ms,
             a.tasks_per_s / r.tasks_per_s
         ));
+        if row.library {
+            let c = Medians::of(&row.call);
+            bench.progress.note(&format!(
+                "{:<22} library call {:>7.0}/s p50 {:.2} p99 {:.2} ({:.3} of agent throughput, p50 x{:.3})",
+                "",
+                c.tasks_per_s,
+                c.p50_ms,
+                c.p99_ms,
+                c.tasks_per_s / a.tasks_per_s,
+                c.p50_ms / a.p50_ms
+            ));
+        }
         if row.python {
             let (p, c) = (Medians::of(&row.pool), Medians::of(&row.command));
             bench.progress.note(&format!(
@@ -911,7 +971,7 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
             replay["results_per_s"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    let targets = targets(&rows, &backlog);
+    let targets = targets(&rows, &backlog, plan.callers);
     for line in &targets {
         println!("target: {line}");
     }
@@ -952,7 +1012,7 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
 }
 
 /// The targets, stated as met or missed (never asserted).
-fn targets(rows: &[Row], backlog: &Value) -> Vec<String> {
+fn targets(rows: &[Row], backlog: &Value, callers: usize) -> Vec<String> {
     let mut out = Vec::new();
     let find = |rate: Option<f64>| {
         rows.iter()
@@ -1001,6 +1061,24 @@ fn targets(rows: &[Row], backlog: &Value) -> Vec<String> {
             cpu(&echo),
             cpu(&pool),
             cpu(&command)
+        ));
+    }
+    if let Some(r) = find(Some(500.0)).filter(|r| r.library && !r.call.is_empty()) {
+        let (agent, call) = (Medians::of(&r.agent), Medians::of(&r.call));
+        let ratio = call.p50_ms / agent.p50_ms;
+        out.push(format!(
+            "paced 500/s p50 library call / bench client = {ratio:.3} ({:.2} vs {:.2} ms; <= 1.10): {}",
+            call.p50_ms,
+            agent.p50_ms,
+            verdict(ratio <= 1.10)
+        ));
+    }
+    if let Some(r) = find(None).filter(|r| r.library && !r.call.is_empty()) {
+        let (agent, call) = (Medians::of(&r.agent), Medians::of(&r.call));
+        out.push(format!(
+            "full-blast 100 B library calls ({callers} concurrent callers) = {:.0} calls/s, {:.3} of the bench client's pipelined submit (stated)",
+            call.tasks_per_s,
+            call.tasks_per_s / agent.tasks_per_s
         ));
     }
     if let Some(r) = python(Some(500.0)) {

@@ -7,31 +7,53 @@ use endpoint_wire::BrokerError;
 use endpoint_wire::EndpointId;
 
 #[derive(Debug, thiserror::Error)]
+/// Everything the service side can fail with; each message says what to do about it.
 pub enum SetupError {
     #[error("endpoint {0} is not provisioned: run `service-setup provision --endpoint-id {0}`")]
+    /// The endpoint has no tasks queue.
     NotProvisioned(EndpointId),
 
     #[error(
         "endpoint {endpoint} still has {count} task(s) queued in {queue}: wait for the agent to run them, or pass --force to delete them"
     )]
+    /// Deprovisioning would drop queued tasks (pass `force`).
     TasksQueued {
+        /// The endpoint being deprovisioned.
         endpoint: EndpointId,
+        /// Its tasks queue.
         queue: String,
+        /// Tasks still in it.
         count: u32,
     },
 
     #[error(
         "queue {queue} already exists with different arguments ({reason}): delete it with `rabbitmqctl delete_queue {queue}` (its messages are lost) and provision again"
     )]
-    QueueMismatch { queue: String, reason: String },
+    /// A queue exists with other arguments than the contract's: `queue`, and the broker's `reason`.
+    QueueMismatch {
+        /// The queue.
+        queue: String,
+        /// The broker's reply text.
+        reason: String,
+    },
 
     #[error(
         "the broker refused {what} (negative confirm): it may be short of disk or memory, check `rabbitmqctl status` and retry"
     )]
-    Nacked { what: String },
+    /// The broker refused `what` with a negative confirm.
+    Nacked {
+        /// What was refused.
+        what: String,
+    },
 
     #[error("the broker returned {what} as unroutable: {reason}")]
-    Unroutable { what: String, reason: String },
+    /// The broker returned `what`: no queue took it (`reason` says what to check).
+    Unroutable {
+        /// What was returned.
+        what: String,
+        /// The broker's reply text and what to check.
+        reason: String,
+    },
 
     /// A caller-supplied value is out of range; the message says which and what to pass instead.
     #[error("{0}")]
@@ -40,21 +62,51 @@ pub enum SetupError {
     #[error(
         "could not connect to {url} within {secs}s: check that RabbitMQ is running and reachable (e.g. `rabbitmq-server -detached`)"
     )]
-    ConnectTimeout { url: String, secs: u64 },
+    /// No connection to `url` (password redacted) within `secs` seconds.
+    ConnectTimeout {
+        /// The URL, password redacted.
+        url: String,
+        /// The time limit.
+        secs: u64,
+    },
 
     #[error("could not write results")]
+    /// Writing results to the caller's sink failed.
     Output(#[source] std::io::Error),
 
     #[error("the broker's management API failed {what}: {reason}")]
-    Management { what: String, reason: String },
+    /// The management API failed `what` (a request), for `reason`.
+    Management {
+        /// The request.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
 
     #[error("cannot write the credentials file {path}: {err}")]
+    /// Writing an endpoint's credentials file failed.
     Credentials {
+        /// The file.
         path: std::path::PathBuf,
+        /// Why.
         err: std::io::Error,
     },
 
+    #[error("the client was closed")]
+    /// The [`crate::Client`] was closed while waiting.
+    ClientClosed,
+
+    /// The broker cancelled a consumer (its queue was deleted, or the broker is shutting down).
+    #[error(
+        "the broker cancelled the consumer of queue {queue}: was it deleted? (the client declares it again when it reconnects)"
+    )]
+    ConsumerCancelled {
+        /// The queue consumed.
+        queue: String,
+    },
+
     #[error(transparent)]
+    /// A broker or network failure (see [`BrokerError::is_transient`]).
     Broker(#[from] BrokerError),
 }
 

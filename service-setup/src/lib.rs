@@ -5,8 +5,11 @@
 //! The binary (`main.rs`) is a thin CLI over these functions and owns all printing; nothing in the library
 //! writes to stdout.
 
+#![warn(missing_docs)]
+
 mod amqp;
 mod base64;
+mod client;
 mod error;
 pub mod management;
 mod results;
@@ -15,10 +18,14 @@ mod submit;
 mod time;
 mod topology;
 
-pub use endpoint_wire::{AgentState, EndpointId, Heartbeat, Registration};
+pub use client::{
+    Call, CallError, Client, ClientOptions, DEFAULT_PREFETCH, SubmitOptions, TaskResult,
+    declare_service_queue, delete_service_queue_if_empty,
+};
+pub use endpoint_wire::{AgentState, EndpointId, Heartbeat, Registration, ServiceName};
 pub use endpoint_wire::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL, Tls, TlsFiles};
 pub use error::SetupError;
-pub use results::{ResultRecord, ResultsQuery, read_results};
+pub use results::{RESULTS_WINDOW, ResultRecord, ResultsQuery, read_results};
 pub use status::{EndpointStatus, Liveness, endpoint_status};
 pub use submit::{Submitter, TaskSpec, new_task_id};
 pub use time::rfc3339_utc;

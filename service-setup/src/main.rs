@@ -6,8 +6,8 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use service_setup::management::Management;
 use service_setup::{
-    BrokerUrl, DEFAULT_BROKER_URL, EndpointId, ResultRecord, ResultsQuery, SetupError, Submitter,
-    TaskSpec, Tls, TlsFiles,
+    BrokerUrl, CallError, Client, ClientOptions, DEFAULT_BROKER_URL, EndpointId, ResultRecord,
+    ResultsQuery, ServiceName, SetupError, SubmitOptions, Submitter, TaskSpec, Tls, TlsFiles,
 };
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -17,6 +17,10 @@ use std::time::Duration;
 const EXIT_ERROR: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_NOT_PROVISIONED: u8 = 3;
+/// `call`: no agent serves the endpoint (its last heartbeat is stale or says it stopped, or there is none).
+const EXIT_NOT_RUNNING: u8 = 4;
+/// `call`: the endpoint's agent runs but has not answered within --timeout.
+const EXIT_NO_RESULT_YET: u8 = 5;
 /// EX_UNAVAILABLE from sysexits.h.
 const EXIT_UNAVAILABLE: u8 = 69;
 
@@ -25,10 +29,12 @@ const SUBMIT_CHUNK: u32 = 1000;
 
 const MAIN_HELP: &str = "\
 Exit codes:
-  0   success
-  1   error (the message says what to do)
+  0   success (`call`: the task's status is ok)
+  1   error (the message says what to do); `call`: the task failed, timed out or was rejected
   2   usage error (bad flag, bad endpoint id, bad broker URL)
   3   endpoint not provisioned: run `service-setup provision --endpoint-id <ID>`
+  4   `call`: the endpoint's agent is not running (the task stays queued)
+  5   `call`: the agent runs but has not answered within --timeout (the result comes later)
   69  broker unreachable or refused the connection
 
 Environment:
@@ -38,6 +44,7 @@ Environment:
 Examples:
   service-setup provision --endpoint-id demo --heartbeat 5
   service-setup submit --endpoint-id demo --function echo --payload 'hello'
+  service-setup call --endpoint-id demo --function echo --payload 'hello' --timeout 10s
   service-setup results --endpoint-id demo --max 1
   service-setup status --endpoint-id demo
   service-setup deprovision --endpoint-id demo --force";
@@ -142,7 +149,8 @@ Examples:
   service-setup submit --endpoint-id demo --function resize --payload-file img.png --timeout-ms 30000
   echo '{\"n\": 1}' | service-setup submit --endpoint-id demo --function process
   service-setup submit --endpoint-id demo --function echo --payload x --count 10000 > ids.txt
-  service-setup submit --endpoint-id demo --function echo --payload x --task-id order-42")]
+  service-setup submit --endpoint-id demo --function echo --payload x --task-id order-42
+  service-setup submit --endpoint-id demo --function echo --payload x --service billing-1")]
     Submit {
         #[command(flatten)]
         endpoint: EndpointArg,
@@ -165,22 +173,80 @@ Examples:
         /// Kill the task after this many milliseconds (can only shorten the function's own timeout).
         #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
         timeout_ms: Option<u64>,
+        /// Send the result to this service's own queue (`service.<NAME>.results`, made if missing) instead of
+        /// the shared `results` queue; read it with `results --service NAME`.
+        #[arg(long, value_name = "NAME")]
+        service: Option<ServiceName>,
+    },
+
+    /// Run a function on an endpoint and wait for its result: print the output (raw bytes) on stdout.
+    ///
+    /// Exits 0 when the task's status is ok; 1 when it failed, timed out or was rejected (the status and the
+    /// error text go to stderr); 4 when no agent serves the endpoint and 5 when its agent runs but has not
+    /// answered within --timeout (either way the task stays queued and its result comes later). The payload
+    /// comes from --payload, --payload-file, or stdin.
+    ///
+    /// The result comes back on a queue of this call's own (`service.cli-<PID>-<RANDOM>.results`, deleted on
+    /// exit when empty; a result arriving later then goes to the shared `results` queue), or with --service
+    /// NAME on that service's queue, where a late result waits for `results --service NAME`.
+    #[command(after_help = "\
+Examples:
+  service-setup call --endpoint-id demo --function echo --payload hello
+  service-setup call --endpoint-id demo --function resize --payload-file img.png --timeout 2m > small.png
+  service-setup call --endpoint-id demo --function echo --payload hi --json | jq .status
+  if ! out=$(service-setup call --endpoint-id demo --function check --payload x --timeout 5s); then
+    case $? in 4) echo 'agent down';; 5) echo 'still running';; *) echo 'task failed';; esac
+  fi")]
+    Call {
+        #[command(flatten)]
+        endpoint: EndpointArg,
+        /// Name of the function the agent runs (as configured on the agent).
+        #[arg(long, value_name = "NAME")]
+        function: String,
+        /// Payload text.
+        #[arg(long, value_name = "TEXT", conflicts_with = "payload_file")]
+        payload: Option<String>,
+        /// Read the payload (any bytes) from this file.
+        #[arg(long, value_name = "FILE")]
+        payload_file: Option<PathBuf>,
+        /// How long to wait for the result: `500ms`, `10s`, `2m`, `1h` (a bare number is seconds).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Use this task id instead of a generated one.
+        #[arg(long, value_name = "ID")]
+        task_id: Option<String>,
+        /// Receive the result on this service's queue (made if missing, kept after exit).
+        #[arg(long, value_name = "NAME")]
+        service: Option<ServiceName>,
+        /// Print the whole result as one JSON object (as `results` does) instead of the raw output.
+        #[arg(long)]
+        json: bool,
     },
 
     /// Print results as JSON lines, acknowledging (removing) each one after it was printed.
     ///
-    /// Reads the shared `results` queue. Each line is {"task_id", "endpoint_id", "status", "exit_code",
-    /// "attempts", "duration_ms", "output"} ("output_base64" instead when the output is not UTF-8). Status is
-    /// ok, failed, timeout or rejected. With --endpoint-id, results of other endpoints are not printed and not
-    /// acknowledged: they return to the queue when this command exits, for their own reader. A result may be
-    /// printed twice if this command dies between printing and acknowledging it; deduplicate on task_id.
+    /// Reads the shared `results` queue (results of tasks submitted without a service), or with --service NAME
+    /// that service's own queue. Each line is {"task_id", "endpoint_id", "status", "exit_code", "attempts",
+    /// "duration_ms", "output"} ("output_base64" instead when the output is not UTF-8). Status is ok, failed,
+    /// timeout or rejected. At most 256 results are held in memory at once.
+    ///
+    /// With --endpoint-id, results of other endpoints are not printed and not acknowledged: they are handed
+    /// back to the queue within a second, for their own reader (with --follow the reader then steps away for
+    /// a pause of 1 to 30 s so that reader gets them). If the first 256 results in the queue are all other
+    /// endpoints', the ones behind them are out of reach until those are read: a warning says so; a queue of
+    /// your own (--service) avoids it. A result may be printed twice if this command dies between printing and
+    /// acknowledging it; deduplicate on task_id.
     #[command(after_help = "\
 Examples:
   service-setup results --endpoint-id demo                 # what has arrived, then exit
   service-setup results --endpoint-id demo --follow        # keep printing until Ctrl-C
+  service-setup results --service billing-1 --follow       # a service's own results
   service-setup results --endpoint-id demo --max 1 --idle-ms 60000   # wait up to 60s for one result
   service-setup results | jq -r 'select(.status != \"ok\") | .task_id'")]
     Results {
+        /// Read this service's queue instead of the shared one.
+        #[arg(long, value_name = "NAME")]
+        service: Option<ServiceName>,
         /// Only print (and acknowledge) results of this endpoint.
         #[arg(long, value_name = "ID")]
         endpoint_id: Option<EndpointId>,
@@ -298,6 +364,9 @@ fn init_logging() {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(v) = e.chain().find_map(|c| c.downcast_ref::<Verdict>()) {
+        return v.code;
+    }
     match e.chain().find_map(|c| c.downcast_ref::<SetupError>()) {
         Some(s) if s.is_not_provisioned() => EXIT_NOT_PROVISIONED,
         Some(s) if s.is_connect_failure() => EXIT_UNAVAILABLE,
@@ -414,8 +483,16 @@ async fn dispatch(
             count,
             task_id,
             timeout_ms,
+            service,
         } => {
             let payload = read_payload(payload, payload_file)?;
+            if let Some(service) = &service {
+                service_setup::declare_service_queue(conn, service, None)
+                    .await
+                    .with_context(|| {
+                        format!("while making the results queue of service {service}")
+                    })?;
+            }
             let submitter = Submitter::new(conn)
                 .await
                 .context("while preparing to submit tasks")?;
@@ -429,6 +506,7 @@ async fn dispatch(
                         function: function.clone(),
                         payload: payload.clone(),
                         timeout_ms,
+                        reply_to: service.clone(),
                     })
                     .collect();
                 let ids = submitter
@@ -440,13 +518,31 @@ async fn dispatch(
             }
             submitter.close().await;
         }
+        Command::Call {
+            endpoint: EndpointArg { endpoint_id: ep },
+            function,
+            payload,
+            payload_file,
+            timeout,
+            task_id,
+            service,
+            json,
+        } => {
+            let payload = read_payload(payload, payload_file)?;
+            return call(
+                conn, url, &ep, &function, payload, timeout, task_id, service, json,
+            )
+            .await;
+        }
         Command::Results {
+            service,
             endpoint_id,
             follow,
             idle_ms,
             max,
         } => {
             let query = ResultsQuery {
+                service,
                 endpoint: endpoint_id,
                 follow,
                 idle: Duration::from_millis(idle_ms),
@@ -480,6 +576,141 @@ async fn dispatch(
         }
     }
     Ok(())
+}
+
+/// The `call` command: its own client (so the result comes back to its own queue), the verdict as exit code.
+#[allow(clippy::too_many_arguments)]
+async fn call(
+    conn: &lapin::Connection,
+    url: &BrokerUrl,
+    ep: &EndpointId,
+    function: &str,
+    payload: Vec<u8>,
+    timeout: Duration,
+    task_id: Option<String>,
+    service: Option<ServiceName>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let ephemeral = service.is_none();
+    let service = match service {
+        Some(s) => s,
+        None => ServiceName::new(format!(
+            "cli-{}-{}",
+            std::process::id(),
+            &service_setup::new_task_id()[..8]
+        ))
+        .expect("a valid generated service name"),
+    };
+    let mut options = ClientOptions::new(service.clone());
+    if ephemeral {
+        // Deleted on exit when empty; if this process dies first, the broker deletes it after a day unused.
+        options.queue_expires = Some(Duration::from_secs(24 * 3600));
+    }
+    let client = Client::connect(std::slice::from_ref(url), options).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let submit = SubmitOptions {
+        task_id,
+        timeout: None,
+    };
+    let outcome = match client.start_call(ep, function, payload, submit).await {
+        Ok(mut handle) => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            handle.wait(left).await
+        }
+        Err(e) => Err(e),
+    };
+    client.close().await;
+    if ephemeral {
+        // Empty: delete it, so a result that comes later goes to the shared `results` queue (the agent falls
+        // back there when a service's queue is gone) instead of waiting for a reader that will never come.
+        let deleted = service_setup::delete_service_queue_if_empty(conn, &service).await;
+        if let Err(e) = deleted {
+            tracing::debug!(error = %e, "could not delete this call's results queue");
+        }
+    }
+    match outcome {
+        Ok(result) => {
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer(&mut out, &result.to_json())
+                    .context("while encoding the result")?;
+                out.write_all(b"\n").context("while writing to stdout")?;
+            } else {
+                out.write_all(&result.body)
+                    .context("while writing to stdout")?;
+            }
+            out.flush().context("while writing to stdout")?;
+            if result.status == "ok" {
+                return Ok(());
+            }
+            Err(CallFailed(format!(
+                "task {} ended with status {} (its output, on stdout, says why)",
+                result.task_id, result.status
+            ))
+            .into())
+        }
+        Err(CallError::Broker(e)) => Err(e).context("while calling"),
+        Err(CallError::EndpointNotProvisioned(ep)) => Err(SetupError::NotProvisioned(ep).into()),
+        Err(e) => {
+            let code = match e {
+                CallError::EndpointNotRunning { .. } => EXIT_NOT_RUNNING,
+                _ => EXIT_NO_RESULT_YET,
+            };
+            let mut text = e.to_string();
+            if ephemeral {
+                text.push_str(&format!(
+                    "; its result will arrive in the shared `results` queue (`service-setup results --endpoint-id {ep}`; pass --service NAME to keep results apart)"
+                ));
+            } else {
+                text.push_str(&format!(
+                    "; its result will arrive in service {service}'s queue (`service-setup results --service {service}`)"
+                ));
+            }
+            Err(Verdict { code, text }.into())
+        }
+    }
+}
+
+/// A `call` whose task ended with a status other than ok (exit code 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CallFailed(String);
+
+/// A `call` that has no result, with its exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{text}")]
+struct Verdict {
+    code: u8,
+    text: String,
+}
+
+/// `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: write 500ms, 10s, 2m or 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?}: use ms, s, m or h"
+            ));
+        }
+    };
+    if !(secs > 0.0 && secs < 366.0 * 24.0 * 3600.0) {
+        return Err(format!(
+            "{s:?} is out of range: pass more than 0 and less than a year"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn read_payload(payload: Option<String>, file: Option<PathBuf>) -> anyhow::Result<Vec<u8>> {
@@ -543,6 +774,18 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("3d").unwrap_err().contains("unit"));
     }
 
     #[test]

@@ -22,18 +22,22 @@ pub fn endpoint_user(ep: &EndpointId) -> String {
 }
 
 /// What an endpoint's user may do, as RabbitMQ permission patterns: configure nothing; write only to the
-/// `results` and `heartbeats` exchanges, and there only with its own routing keys (topic permissions); read
-/// only its tasks queue and its registration.
+/// `results` and `heartbeats` exchanges, and there only with its own routing keys (topic permissions:
+/// `<EP>.results`, `<EP>.results.<SERVICE>`, `<EP>.heartbeat`); read only its tasks queue and its registration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointPermissions {
+    /// Which resources it may declare or delete.
     pub configure: String,
+    /// Which exchanges (and queues) it may publish to.
     pub write: String,
+    /// Which queues it may consume or get from (and exchanges bind from).
     pub read: String,
     /// (exchange, write pattern, read pattern) per topic exchange.
     pub topic: Vec<(String, String, String)>,
 }
 
 impl EndpointPermissions {
+    /// The permissions of endpoint `ep`'s user.
     pub fn of(ep: &EndpointId) -> EndpointPermissions {
         // Endpoint ids hold only letters, digits, '_' and '-': the dots are the only characters to escape.
         let re = |name: String| name.replace('.', "\\.");
@@ -48,7 +52,8 @@ impl EndpointPermissions {
             topic: vec![
                 (
                     RESULTS_EXCHANGE.into(),
-                    format!("^{}$", re(ep.results_routing_key())),
+                    // Its shared-queue key, or its key for any service (`<EP>.results.<SERVICE>`).
+                    format!("^{}(\\.[A-Za-z0-9_-]+)?$", re(ep.results_routing_key())),
                     "^$".into(),
                 ),
                 (
@@ -282,7 +287,11 @@ mod tests {
         assert_eq!(
             p.topic,
             vec![
-                ("results".into(), "^a-1\\.results$".into(), "^$".into()),
+                (
+                    "results".into(),
+                    "^a-1\\.results(\\.[A-Za-z0-9_-]+)?$".into(),
+                    "^$".into()
+                ),
                 ("heartbeats".into(), "^a-1\\.heartbeat$".into(), "^$".into()),
             ]
         );

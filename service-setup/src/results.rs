@@ -1,17 +1,19 @@
-//! Reading results from the shared `results` queue: parsing a delivery into a [`ResultRecord`] (tolerant of how
-//! other AMQP clients encode integers), checking who sent it, rendering it as one JSON object, and a reader that
-//! acks a result only after the caller's sink has taken it. The endpoint a result is for is its routing key's
-//! (`<EP>.results`, which the broker confines an endpoint's user to), never the header it claims; a result whose
-//! header or publishing user does not match is logged and dropped. It must never ack a genuine result it did not
-//! hand to the sink: results of other endpoints (or beyond `max`) stay unacked and go back to the queue when the
-//! reader's channel closes.
+//! Reading results from the shared `results` queue or a service's own queue: parsing a delivery into a
+//! [`ResultRecord`] (tolerant of how other AMQP clients encode integers), checking who sent it, rendering it as
+//! one JSON object, and a reader that acks a result only after the caller's sink has taken it. The endpoint a
+//! result is for is its routing key's (`<EP>.results` or `<EP>.results.<SERVICE>`, which the broker confines an
+//! endpoint's user to), never the header it claims; a result whose header or publishing user does not match is
+//! logged and dropped. It must never ack a genuine result it did not hand to the sink, and must never sit on
+//! another endpoint's results: with an endpoint filter they are handed back within a second, by closing the
+//! channel (see [`read_results`]). Memory is bounded by the prefetch, [`RESULTS_WINDOW`].
 
 use crate::amqp::{amqp_err, close_channel, declare_results, open_channel};
 use crate::error::SetupError;
 use crate::topology::endpoint_user_of;
+use endpoint_wire::amqp::queue_info;
 use endpoint_wire::{
-    EndpointId, HEADER_ATTEMPTS, HEADER_DURATION_MS, HEADER_ENDPOINT_ID, HEADER_EXIT_CODE,
-    HEADER_STATUS, RESULTS_QUEUE,
+    Backoff, EndpointId, HEADER_ATTEMPTS, HEADER_DURATION_MS, HEADER_ENDPOINT_ID, HEADER_EXIT_CODE,
+    HEADER_STATUS, RESULTS_QUEUE, ServiceName,
 };
 use futures_lite::StreamExt;
 use lapin::Connection;
@@ -36,8 +38,11 @@ pub struct ResultRecord {
     pub user_id: Option<String>,
     /// `ok`, `failed`, `timeout` or `rejected` (kept as sent, so a newer agent's status is not lost).
     pub status: String,
+    /// The command's exit code, when it exited (absent for built-ins, signals, rejections).
     pub exit_code: Option<i64>,
+    /// Which run produced the result (0 for a rejected task).
     pub attempts: Option<u32>,
+    /// How long the run took.
     pub duration_ms: Option<u64>,
     /// The function's output for `ok`, else a human-readable error.
     pub body: Vec<u8>,
@@ -46,6 +51,7 @@ pub struct ResultRecord {
 }
 
 impl ResultRecord {
+    /// Reads a result as delivered; never fails (missing fields stay empty or `None`).
     pub fn from_delivery(d: &Delivery) -> ResultRecord {
         let props = &d.properties;
         let headers = props.headers().as_ref();
@@ -62,7 +68,9 @@ impl ResultRecord {
         ResultRecord {
             task_id,
             endpoint_id,
-            claimed_endpoint_id: header(HEADER_ENDPOINT_ID).and_then(string_value),
+            // Present but not a string: kept as shown, so it cannot equal the routing key's endpoint.
+            claimed_endpoint_id: header(HEADER_ENDPOINT_ID)
+                .map(|v| string_value(v).unwrap_or_else(|| format!("(not a string: {v:?})"))),
             user_id: props.user_id().as_ref().map(|u| u.as_str().to_owned()),
             status: header(HEADER_STATUS)
                 .and_then(string_value)
@@ -157,7 +165,9 @@ fn int_value(v: &AMQPValue) -> Option<i64> {
 /// What [`read_results`] reads and when it stops.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResultsQuery {
-    /// Only results of this endpoint are handed out and acked; the others stay in the queue.
+    /// Read this service's queue (`service.<SERVICE>.results`) instead of the shared `results` queue.
+    pub service: Option<ServiceName>,
+    /// Only results of this endpoint are handed out and acked; the others are left in the queue.
     pub endpoint: Option<EndpointId>,
     /// Keep reading until `shutdown` resolves, instead of stopping after `idle` without a delivery.
     pub follow: bool,
@@ -167,13 +177,36 @@ pub struct ResultsQuery {
     pub max: Option<u64>,
 }
 
-/// Prefetch when every delivery is acked right away; with an endpoint filter there is no limit, because the
-/// unacked results of other endpoints would otherwise fill the window and stall the reader.
-const PREFETCH: u16 = 1000;
+/// Results held unacked at most (the prefetch): what bounds the reader's memory.
+pub const RESULTS_WINDOW: u16 = 256;
 
-/// Consumes the `results` queue with manual acks, hands each matching result to `sink`, and acks it once `sink`
-/// returned `Ok`. Returns how many results were handed out. Results that do not match, or that arrive after
-/// `max`, or whose `sink` call failed, are left unacked and return to the queue when the channel closes.
+/// With an endpoint filter, other endpoints' results are handed back to the queue once they have been held this
+/// long (or fill the window): the reader never sits on them.
+const HOLD_OTHERS: Duration = Duration::from_secs(1);
+
+/// While following with an endpoint filter and only other endpoints' results in sight, the reader steps away from
+/// the queue (so their own reader gets them) for a growing pause between these.
+const PAUSE_MIN: Duration = Duration::from_secs(1);
+const PAUSE_MAX: Duration = Duration::from_secs(30);
+
+/// Other endpoints' results the reader holds unacked: how many, and since when.
+#[derive(Default)]
+struct Held {
+    count: u32,
+    since: Option<tokio::time::Instant>,
+}
+
+/// Consumes the shared `results` queue (or a service's) with manual acks and a prefetch of at most
+/// [`RESULTS_WINDOW`], hands each matching result to `sink`, and acks it once `sink` returned `Ok`. Returns how
+/// many results were handed out.
+///
+/// With an endpoint filter, other endpoints' results are held only briefly: once they fill the window or have
+/// been held for a second, the reader closes its channel, which hands every unacked delivery back to the queue.
+/// Without `follow` it then stops (it has seen every result it can reach); with `follow` it stays away for a
+/// pause (1 s growing to 30 s, back to 1 s when one of its endpoint's results arrives), so that their own
+/// reader gets them, and comes back on a new channel. A window full of other endpoints' results hides the ones
+/// behind it: that is logged, with the way out (a service queue of one's own). Results beyond `max`, or whose
+/// `sink` call failed, are left unacked and return to the queue when the channel closes.
 pub async fn read_results<F>(
     conn: &Connection,
     query: &ResultsQuery,
@@ -186,103 +219,192 @@ where
     if query.max == Some(0) {
         return Ok(0);
     }
-    let channel = open_channel(conn, "read results").await?;
-    // Idempotent, and lets a reader start before any endpoint was provisioned in this vhost.
-    declare_results(&channel).await?;
-    if query.endpoint.is_none() {
-        let prefetch = query.max.map_or(PREFETCH, |m| {
-            u16::try_from(m).unwrap_or(PREFETCH).min(PREFETCH)
-        });
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp_err("while setting the prefetch of the results reader"))?;
-    }
-    let mut consumer = channel
-        .basic_consume(
-            RESULTS_QUEUE.into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp_err(format!("while consuming queue {RESULTS_QUEUE}")))?;
-
+    let queue = match &query.service {
+        None => {
+            // Idempotent, and lets a reader start before any endpoint was provisioned in this vhost.
+            let channel = open_channel(conn, "declare the results queue").await?;
+            declare_results(&channel).await?;
+            close_channel(&channel).await;
+            RESULTS_QUEUE.to_owned()
+        }
+        Some(service) => {
+            let queue = service.results_queue();
+            if queue_info(conn, &queue).await?.is_none() {
+                return Err(SetupError::InvalidArgument(format!(
+                    "service {service} has no results queue ({queue}): it is made when the service first connects (or by `service-setup call --service {service}`)"
+                )));
+            }
+            queue
+        }
+    };
+    // Without a filter every result is acked as it comes, so a smaller `max` needs no larger window.
+    let prefetch = match (&query.endpoint, query.max) {
+        (None, Some(m)) => u16::try_from(m)
+            .unwrap_or(RESULTS_WINDOW)
+            .min(RESULTS_WINDOW),
+        _ => RESULTS_WINDOW,
+    };
+    let (mut channel, mut consumer) = open_reader(conn, &queue, prefetch).await?;
     let mut count = 0u64;
     // The broker user each endpoint's registration names (None: the endpoint has no user of its own).
     let mut users: std::collections::HashMap<String, Option<String>> = Default::default();
+    let mut held = Held::default();
+    let mut pause = Backoff::new(PAUSE_MIN, PAUSE_MAX);
+    let mut warned_hidden = false;
     let mut shutdown = std::pin::pin!(shutdown);
     let outcome = loop {
-        let next = async {
-            if query.follow {
-                Some(consumer.next().await)
-            } else {
-                tokio::time::timeout(query.idle, consumer.next()).await.ok()
-            }
+        // Waiting for the next delivery: no longer than the idle limit, nor past the time to hand back what is
+        // held.
+        let release_at = held.since.map(|t| t + HOLD_OTHERS);
+        let idle_at = (!query.follow).then(|| tokio::time::Instant::now() + query.idle);
+        let wake_at = match (release_at, idle_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         let got = tokio::select! {
             biased;
             () = &mut shutdown => break Ok(()),
-            got = next => got,
+            got = consumer.next() => Some(got),
+            () = async { tokio::time::sleep_until(wake_at.expect("checked")).await }, if wake_at.is_some() => None,
         };
+        let mut step_away = false;
         let delivery = match got {
+            None if release_at.is_some_and(|r| r <= tokio::time::Instant::now()) => {
+                // Held other endpoints' results long enough: hand them back.
+                step_away = true;
+                None
+            }
             None => break Ok(()), // idle for query.idle
             Some(None) => {
                 tracing::warn!(
-                    "the broker cancelled the results consumer (was queue {RESULTS_QUEUE} deleted?)"
+                    "the broker cancelled the results consumer (was queue {queue} deleted?)"
                 );
                 break Ok(());
             }
             Some(Some(Err(e))) => break Err(amqp_err("while reading results")(e)),
-            Some(Some(Ok(delivery))) => delivery,
+            Some(Some(Ok(delivery))) => Some(delivery),
         };
-        let record = ResultRecord::from_delivery(&delivery);
-        if let Some(ep) = &query.endpoint
-            && record.endpoint_id != ep.as_str()
-        {
-            // Not ours: dropping the delivery leaves it unacked; it returns to the queue with the channel.
-            continue;
-        }
-        let user = match EndpointId::new(record.endpoint_id.as_str()) {
-            Ok(ep) => match users.get(ep.as_str()) {
-                Some(u) => u.clone(),
-                None => {
-                    let u = endpoint_user_of(conn, &ep).await?;
-                    users.insert(ep.to_string(), u.clone());
-                    u
+        if let Some(delivery) = delivery {
+            let record = ResultRecord::from_delivery(&delivery);
+            if let Some(ep) = &query.endpoint
+                && record.endpoint_id != ep.as_str()
+            {
+                // Not ours: held unacked for a moment, then handed back.
+                held.count += 1;
+                held.since.get_or_insert_with(tokio::time::Instant::now);
+                if held.count >= u32::from(prefetch) {
+                    step_away = true;
+                    if !warned_hidden {
+                        warned_hidden = true;
+                        tracing::warn!(
+                            "the first {prefetch} results in queue {queue} are other endpoints': {ep}'s results behind them are reached only once those are read (`service-setup results` without --endpoint-id, or the service that reads {queue}); submit with a service name for a queue of your own"
+                        );
+                    }
                 }
-            },
-            Err(_) => None,
-        };
-        if let Some(why) = record.distrust(user.as_deref()) {
-            tracing::warn!(
-                task_id = %record.task_id,
-                routing_key = %delivery.routing_key,
-                user_id = ?record.user_id,
-                "dropped a result that cannot be trusted: {why}"
-            );
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                break Err(amqp_err("while dropping an untrusted result")(e));
+            } else {
+                pause.reset();
+                match hand_over(conn, &mut users, &delivery, record, &mut sink).await {
+                    Ok(true) => {
+                        count += 1;
+                        if query.max == Some(count) {
+                            break Ok(());
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => break Err(e),
+                }
             }
-            continue;
         }
-        if let Err(e) = sink(&record) {
-            break Err(SetupError::Output(e));
-        }
-        if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-            break Err(amqp_err(format!(
-                "while acking the result of task {}",
-                record.task_id
-            ))(e));
-        }
-        count += 1;
-        if query.max == Some(count) {
-            break Ok(());
+        if step_away {
+            if !query.follow {
+                break Ok(());
+            }
+            // Closing the channel hands back every unacked delivery (ours were acked before).
+            close_channel(&channel).await;
+            held = Held::default();
+            tokio::select! {
+                () = &mut shutdown => return Ok(count),
+                () = tokio::time::sleep(pause.next_delay()) => {}
+            }
+            match open_reader(conn, &queue, prefetch).await {
+                Ok((ch, c)) => (channel, consumer) = (ch, c),
+                Err(e) => return Err(e),
+            }
         }
     };
     // Closing the channel (after the acks above were sent) hands every unacked delivery back to the queue.
     close_channel(&channel).await;
     outcome.map(|()| count)
+}
+
+/// A channel with `prefetch` consuming `queue` with manual acks.
+async fn open_reader(
+    conn: &Connection,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(lapin::Channel, lapin::Consumer), SetupError> {
+    let channel = open_channel(conn, "read results").await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp_err("while setting the prefetch of the results reader"))?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_err(format!("while consuming queue {queue}")))?;
+    Ok((channel, consumer))
+}
+
+/// Checks who sent a result and hands it to `sink`, then acks it (true), or acks and drops an untrusted one
+/// (false).
+async fn hand_over<F>(
+    conn: &Connection,
+    users: &mut std::collections::HashMap<String, Option<String>>,
+    delivery: &Delivery,
+    record: ResultRecord,
+    sink: &mut F,
+) -> Result<bool, SetupError>
+where
+    F: FnMut(&ResultRecord) -> std::io::Result<()>,
+{
+    let user = match EndpointId::new(record.endpoint_id.as_str()) {
+        Ok(ep) => match users.get(ep.as_str()) {
+            Some(u) => u.clone(),
+            None => {
+                let u = endpoint_user_of(conn, &ep).await?;
+                users.insert(ep.to_string(), u.clone());
+                u
+            }
+        },
+        Err(_) => None,
+    };
+    if let Some(why) = record.distrust(user.as_deref()) {
+        tracing::warn!(
+            task_id = %record.task_id,
+            routing_key = %delivery.routing_key,
+            user_id = ?record.user_id,
+            "dropped a result that cannot be trusted: {why}"
+        );
+        delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(amqp_err("while dropping an untrusted result"))?;
+        return Ok(false);
+    }
+    sink(&record).map_err(SetupError::Output)?;
+    delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .map_err(amqp_err(format!(
+            "while acking the result of task {}",
+            record.task_id
+        )))?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -381,6 +503,17 @@ mod tests {
                 .unwrap()
                 .contains("endpoint-a")
         );
+        let mut odd = props("b", "endpoint-b");
+        odd = odd.with_headers(headers(&[("endpoint_id", AMQPValue::LongLongInt(1))]));
+        let not_a_string = ResultRecord::from_delivery(&delivery("b.results", odd, b""));
+        assert!(
+            not_a_string.distrust(None).is_some(),
+            "a non-string endpoint_id header"
+        );
+        let for_service =
+            ResultRecord::from_delivery(&delivery("b.results.svc", props("b", "endpoint-b"), b""));
+        assert_eq!(for_service.endpoint_id, "b");
+        assert_eq!(for_service.distrust(Some("endpoint-b")), None);
         let no_key = ResultRecord::from_delivery(&delivery("b", props("b", "endpoint-b"), b""));
         assert!(no_key.distrust(None).is_some());
     }

@@ -16,6 +16,7 @@ use std::time::Duration;
 /// What the broker says about one endpoint at `now_ms`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointStatus {
+    /// The endpoint.
     pub endpoint_id: String,
     /// Its tasks queue exists.
     pub provisioned: bool,
@@ -25,6 +26,7 @@ pub struct EndpointStatus {
     pub queue_depth: Option<u32>,
     /// Consumers of its tasks queue (an agent holds one while running).
     pub consumers: Option<u32>,
+    /// The newest heartbeat in its heartbeat queue.
     pub last_heartbeat: Option<Heartbeat>,
     /// When this status was taken (milliseconds since the Unix epoch).
     pub now_ms: u64,
@@ -34,14 +36,25 @@ pub struct EndpointStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Liveness {
     /// The last heartbeat is fresh.
-    Running { age_ms: u64, state: AgentState },
+    Running {
+        /// How old the heartbeat is.
+        age_ms: u64,
+        /// What it says the agent does.
+        state: AgentState,
+    },
     /// The last heartbeat says it stopped (`clean_stop`), or is older than 2.5 heartbeat intervals.
-    NotRunningSince { since_ms: u64, clean_stop: bool },
+    NotRunningSince {
+        /// The last heartbeat's time.
+        since_ms: u64,
+        /// It said `stopped`.
+        clean_stop: bool,
+    },
     /// No heartbeat at all: the agent never ran against this endpoint (or it was re-provisioned).
     NeverSeen,
 }
 
 impl EndpointStatus {
+    /// Whether the agent runs, from the last heartbeat's state and age (older than 2.5 intervals: not running).
     pub fn liveness(&self) -> Liveness {
         let Some(hb) = &self.last_heartbeat else {
             return Liveness::NeverSeen;
@@ -101,6 +114,7 @@ impl EndpointStatus {
         }
     }
 
+    /// The status as JSON (what `service-setup status --json` prints).
     pub fn to_json(&self) -> serde_json::Value {
         let liveness = match self.liveness() {
             Liveness::Running { age_ms, state } => {
@@ -232,7 +246,7 @@ const EMPTY_RETRIES: u32 = 3;
 const EMPTY_RETRY_DELAY: Duration = Duration::from_millis(50);
 
 /// The newest (by `key`) valid JSON message of `queue` naming endpoint `ep`, read without consuming it.
-async fn latest<T, K>(
+pub(crate) async fn latest<T, K>(
     conn: &Connection,
     ep: &EndpointId,
     queue: &str,
@@ -267,7 +281,7 @@ where
 }
 
 /// Wire payloads that name their endpoint.
-trait Named {
+pub(crate) trait Named {
     fn endpoint(&self) -> &EndpointId;
 }
 

@@ -5,7 +5,7 @@
 
 use crate::amqp::{amqp_err, declare_tasks_exchange, open_channel};
 use crate::error::SetupError;
-use endpoint_wire::{EndpointId, HEADER_TIMEOUT_MS, MAX_TASK_ID_LEN, TASKS_EXCHANGE};
+use endpoint_wire::{EndpointId, HEADER_TIMEOUT_MS, MAX_TASK_ID_LEN, ServiceName, TASKS_EXCHANGE};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -27,6 +27,21 @@ pub struct TaskSpec {
     pub payload: Vec<u8>,
     /// Optional per-task timeout (`x-timeout-ms` header); it can only shorten the function's own.
     pub timeout_ms: Option<u64>,
+    /// The service whose queue gets the result (AMQP `reply_to`); `None`: the shared `results` queue.
+    pub reply_to: Option<ServiceName>,
+}
+
+impl TaskSpec {
+    /// A task for `function` with `payload`, a fresh id, no timeout of its own, its result for the shared queue.
+    pub fn new(function: impl Into<String>, payload: impl Into<Vec<u8>>) -> TaskSpec {
+        TaskSpec {
+            task_id: None,
+            function: function.into(),
+            payload: payload.into(),
+            timeout_ms: None,
+            reply_to: None,
+        }
+    }
 }
 
 /// Publishes tasks on a channel of its own with publisher confirms enabled.
@@ -36,6 +51,7 @@ pub struct Submitter {
 }
 
 impl Submitter {
+    /// Opens the confirm-mode channel on `conn` and declares the `tasks` exchange.
     pub async fn new(conn: &Connection) -> Result<Self, SetupError> {
         let channel = open_channel(conn, "submit tasks").await?;
         channel
@@ -132,6 +148,9 @@ fn prepare(task: TaskSpec) -> Result<(String, Vec<u8>, BasicProperties), SetupEr
         .with_message_id(id.as_str().into())
         .with_type(task.function.as_str().into())
         .with_delivery_mode(2);
+    if let Some(service) = &task.reply_to {
+        properties = properties.with_reply_to(service.as_str().into());
+    }
     if let Some(ms) = task.timeout_ms {
         let ms = i64::try_from(ms).map_err(|_| {
             SetupError::InvalidArgument(format!(
@@ -210,6 +229,7 @@ mod tests {
             function: function.to_owned(),
             payload: b"x".to_vec(),
             timeout_ms,
+            reply_to: None,
         }
     }
 

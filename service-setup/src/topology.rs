@@ -10,7 +10,7 @@ use crate::amqp::{
 };
 use crate::error::{SetupError, soft_error};
 use crate::management::Management;
-use endpoint_wire::amqp::{peek_all, queue_info};
+use endpoint_wire::amqp::queue_info;
 use endpoint_wire::{
     EndpointId, HEARTBEATS_EXCHANGE, PROTOCOL_VERSION, Registration, TASKS_EXCHANGE, now_ms,
 };
@@ -117,6 +117,7 @@ pub async fn provision_as(
 /// What [`deprovision`] removed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Deprovisioned {
+    /// The endpoint.
     pub endpoint_id: EndpointId,
     /// The queues that existed and were deleted, in the order they were deleted.
     pub deleted_queues: Vec<String>,
@@ -131,15 +132,23 @@ pub async fn endpoint_user_of(
     conn: &Connection,
     ep: &EndpointId,
 ) -> Result<Option<String>, SetupError> {
-    let Some(bodies) = peek_all(conn, &ep.registration_queue()).await? else {
-        return Ok(None);
-    };
-    Ok(bodies
-        .iter()
-        .filter_map(|b| serde_json::from_slice::<Registration>(b).ok())
-        .filter(|r| r.protocol_version == PROTOCOL_VERSION && &r.endpoint_id == ep)
-        .max_by_key(|r| r.provisioned_at_ms)
+    Ok(registration_of(conn, ep)
+        .await?
         .and_then(|r| r.endpoint_user))
+}
+
+/// `ep`'s newest registration of this protocol version, read without consuming it (retried a few times while
+/// another reader holds its one message); `None` if there is none to read.
+pub async fn registration_of(
+    conn: &Connection,
+    ep: &EndpointId,
+) -> Result<Option<Registration>, SetupError> {
+    let newest: Option<Registration> =
+        crate::status::latest(conn, ep, &ep.registration_queue(), |r: &Registration| {
+            r.provisioned_at_ms
+        })
+        .await?;
+    Ok(newest.filter(|r| r.protocol_version == PROTOCOL_VERSION))
 }
 
 /// Deletes the queues of endpoint `ep`: the tasks queue first, and only if it is empty unless `force`, so a refusal

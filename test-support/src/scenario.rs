@@ -897,6 +897,7 @@ pub fn task(function: &str, payload: &[u8]) -> TaskSpec {
         function: function.into(),
         payload: payload.to_vec(),
         timeout_ms: None,
+        reply_to: None,
     }
 }
 
