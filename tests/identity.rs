@@ -209,7 +209,32 @@ async fn each_endpoint_is_confined_to_its_own_work() {
         assert_eq!(outcome(deleted), refused, "delete {queue}");
     }
 
-    // A forges a result for B in its headers; it may only use its own routing key.
+    // Each endpoint answers one task for a service of this test (a queue of its own, so the reader below sees
+    // this test's results only).
+    let svc = format!("idsvc-{}-{}", std::process::id(), a.as_str().len());
+    let via_service = |ep: &endpoint_wire::EndpointId, payload: &str| {
+        let out = service_setup(&[
+            "submit",
+            "--endpoint-id",
+            ep.as_str(),
+            "--function",
+            "echo",
+            "--payload",
+            payload,
+            "--service",
+            &svc,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let svc_a = via_service(&a, "a for the service");
+    let svc_b = via_service(&b, "b for the service");
+
+    // A forges a result for B in its headers; it may only use its own routing keys.
     let mut headers = FieldTable::default();
     headers.insert(
         "endpoint_id".into(),
@@ -220,10 +245,8 @@ async fn each_endpoint_is_confined_to_its_own_work() {
         .with_message_id("forged-by-a".into())
         .with_user_id(format!("endpoint-{a}").as_str().into())
         .with_headers(headers);
-    assert_eq!(
-        publish(&conn, "results", &a.results_routing_key(), forged).await,
-        Ok(())
-    );
+    let a_for_svc = format!("{}.{svc}", a.results_routing_key());
+    assert_eq!(publish(&conn, "results", &a_for_svc, forged).await, Ok(()));
     let _ = conn.close(200, "done".into()).await;
 
     // A's agent keeps serving A.
@@ -231,9 +254,19 @@ async fn each_endpoint_is_confined_to_its_own_work() {
     service_a.await_results(&more, WAIT, &[&agent_a]).await;
     assert_eq!(service_a.result(&more[0]).status, "ok");
 
-    // The shared results queue: B's reader never shows the forgery, A's drops it as forged.
+    // The service's queue: B's reader never shows the forgery, A's drops it as forged.
     let read = |ep: &endpoint_wire::EndpointId| {
-        let out = service_setup(&["results", "--endpoint-id", ep.as_str(), "--idle-ms", "1500"]);
+        let out = service_setup(&[
+            "results",
+            "--service",
+            &svc,
+            "--endpoint-id",
+            ep.as_str(),
+            "--idle-ms",
+            "5000",
+            "--max",
+            "1",
+        ]);
         assert!(
             out.status.success(),
             "{}",
@@ -243,12 +276,12 @@ async fn each_endpoint_is_confined_to_its_own_work() {
     };
     let for_b = read(&b);
     assert!(
-        for_b.contains(&ids_b[0]),
+        for_b.contains(&svc_b),
         "B's genuine result is shown: {for_b}"
     );
     assert!(!for_b.contains("forged-by-a"), "{for_b}");
     let for_a = read(&a);
-    assert!(for_a.contains(&ids_a[0]), "{for_a}");
+    assert!(for_a.contains(&svc_a), "{for_a}");
     assert!(!for_a.contains("forged-by-a"), "{for_a}");
 
     agent_a.terminate(Duration::from_secs(30));

@@ -12,4 +12,5 @@ mod lifecycle;
 mod pool;
 mod raw_reader;
 mod roundtrip;
+mod service_client;
 mod tls;
