@@ -26,7 +26,7 @@ pub use endpoint_wire::{AgentState, EndpointId, Heartbeat, Registration, Service
 pub use endpoint_wire::{BrokerError, BrokerUrl, DEFAULT_BROKER_URL, Tls, TlsFiles};
 pub use error::SetupError;
 pub use results::{RESULTS_WINDOW, ResultRecord, ResultsQuery, read_results};
-pub use status::{EndpointStatus, Liveness, endpoint_status};
+pub use status::{EndpointStatus, Liveness, Watched, endpoint_status, watch_status};
 pub use submit::{Submitter, TaskSpec, new_task_id};
 pub use time::rfc3339_utc;
 pub use topology::{Deprovisioned, deprovision, endpoint_user_of, provision, provision_as};

@@ -264,11 +264,16 @@ Examples:
     /// Show an endpoint's queue depth, consumer, heartbeat interval, last heartbeat and whether its agent runs.
     ///
     /// The verdict is `running (...)`, `not running since <time> (stopped cleanly | no heartbeat for Ns)`
-    /// (no heartbeat for 2.5 intervals) or `never seen`. Reads without changing anything. Exits 3 (after
+    /// (no heartbeat for 2.5 intervals by this machine's clock) or `never seen`. With --watch it waits up to 2.5
+    /// heartbeat intervals for a new heartbeat and judges by the sequence number moving instead, so a clock
+    /// skewed between the agent's host and this one cannot mislead it; the output says which rule was used.
+    /// Heartbeats name the agent's host, pid, instance and role; a standby (or quieted) agent's beat is shown
+    /// on a line of its own and never hides the active one's. Reads without changing anything. Exits 3 (after
     /// printing) when the endpoint is not provisioned.
     #[command(after_help = "\
 Examples:
   service-setup status --endpoint-id demo
+  service-setup status --endpoint-id demo --watch          # up to 2.5 heartbeat intervals
   service-setup status --endpoint-id demo --json | jq .liveness")]
     Status {
         #[command(flatten)]
@@ -276,6 +281,9 @@ Examples:
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Wait for a new heartbeat (up to 2.5 intervals) and judge liveness by the sequence moving.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -560,10 +568,15 @@ async fn dispatch(
         Command::Status {
             endpoint: EndpointArg { endpoint_id: ep },
             json,
+            watch,
         } => {
-            let status = service_setup::endpoint_status(conn, &ep)
-                .await
-                .with_context(|| format!("while reading the status of endpoint {ep}"))?;
+            let status = if watch {
+                service_setup::watch_status(conn, &ep).await
+            } else {
+                service_setup::endpoint_status(conn, &ep).await
+            };
+            let status =
+                status.with_context(|| format!("while reading the status of endpoint {ep}"))?;
             if json {
                 print_line(&status.to_json().to_string())?;
             } else {

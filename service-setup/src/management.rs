@@ -5,7 +5,9 @@
 //! (ureq), so every call runs on a blocking thread.
 
 use crate::error::SetupError;
-use endpoint_wire::{BrokerUrl, EndpointId, HEARTBEATS_EXCHANGE, RESULTS_EXCHANGE};
+use endpoint_wire::{
+    BrokerUrl, EndpointId, HANDBACK_EXCHANGE, HEARTBEATS_EXCHANGE, RESULTS_EXCHANGE,
+};
 use serde_json::json;
 use std::path::Path;
 use std::time::Duration;
@@ -43,7 +45,7 @@ impl EndpointPermissions {
         let re = |name: String| name.replace('.', "\\.");
         EndpointPermissions {
             configure: "^$".into(),
-            write: format!("^({RESULTS_EXCHANGE}|{HEARTBEATS_EXCHANGE})$"),
+            write: format!("^({RESULTS_EXCHANGE}|{HEARTBEATS_EXCHANGE}|{HANDBACK_EXCHANGE})$"),
             read: format!(
                 "^({}|{})$",
                 re(ep.tasks_queue()),
@@ -58,7 +60,14 @@ impl EndpointPermissions {
                 ),
                 (
                     HEARTBEATS_EXCHANGE.into(),
-                    format!("^{}$", re(ep.heartbeat_routing_key())),
+                    // Its active key, or its standby key (`<EP>.heartbeat.standby`).
+                    format!("^{}(\\.standby)?$", re(ep.heartbeat_routing_key())),
+                    "^$".into(),
+                ),
+                (
+                    HANDBACK_EXCHANGE.into(),
+                    // A hand-back puts its own tasks back, into its own queue only.
+                    format!("^{}$", re(ep.tasks_queue())),
                     "^$".into(),
                 ),
             ],
@@ -282,7 +291,7 @@ mod tests {
         let ep = EndpointId::new("a-1").unwrap();
         let p = EndpointPermissions::of(&ep);
         assert_eq!(p.configure, "^$");
-        assert_eq!(p.write, "^(results|heartbeats)$");
+        assert_eq!(p.write, "^(results|heartbeats|handback)$");
         assert_eq!(p.read, "^(a-1\\.tasks|a-1\\.registration)$");
         assert_eq!(
             p.topic,
@@ -292,7 +301,12 @@ mod tests {
                     "^a-1\\.results(\\.[A-Za-z0-9_-]+)?$".into(),
                     "^$".into()
                 ),
-                ("heartbeats".into(), "^a-1\\.heartbeat$".into(), "^$".into()),
+                (
+                    "heartbeats".into(),
+                    "^a-1\\.heartbeat(\\.standby)?$".into(),
+                    "^$".into()
+                ),
+                ("handback".into(), "^a-1\\.tasks$".into(), "^$".into()),
             ]
         );
     }

@@ -28,8 +28,22 @@ pub struct EndpointStatus {
     pub consumers: Option<u32>,
     /// The newest heartbeat in its heartbeat queue.
     pub last_heartbeat: Option<Heartbeat>,
+    /// The newest heartbeat of an agent that does not consume the tasks (standing by, or quieted).
+    pub standby_heartbeat: Option<Heartbeat>,
     /// When this status was taken (milliseconds since the Unix epoch).
     pub now_ms: u64,
+    /// How liveness is judged: `None`, by the last heartbeat's age against this machine's clock;
+    /// `Some(watch)`, by whether the heartbeat sequence moved while watching ([`watch_status`]).
+    pub watched: Option<Watched>,
+}
+
+/// What [`watch_status`] saw: whether a new heartbeat came while it watched, and for how long it watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watched {
+    /// The active heartbeat's sequence number (or instance) changed.
+    pub moved: bool,
+    /// How long it watched, in milliseconds.
+    pub for_ms: u64,
 }
 
 /// Whether the endpoint's agent runs, judged from its last heartbeat.
@@ -65,6 +79,20 @@ impl EndpointStatus {
                 clean_stop: true,
             };
         }
+        // Watched: the sequence moving is the proof of life, whatever either clock says.
+        if let Some(w) = self.watched {
+            return if w.moved {
+                Liveness::Running {
+                    age_ms: 0,
+                    state: hb.state,
+                }
+            } else {
+                Liveness::NotRunningSince {
+                    since_ms: hb.time_ms,
+                    clean_stop: false,
+                }
+            };
+        }
         // The heartbeat's own interval is what the agent follows; the registration's is only a fallback.
         let interval = match hb.heartbeat_secs {
             0 => self.heartbeat_secs.unwrap_or(0),
@@ -88,7 +116,28 @@ impl EndpointStatus {
     /// One line: `running (state S, last heartbeat Ns ago)`, `not running since <time> (stopped cleanly)`,
     /// `not running since <time> (no heartbeat for Ns)` or `never seen`.
     pub fn verdict(&self) -> String {
-        match self.liveness() {
+        match (self.liveness(), self.watched) {
+            (Liveness::Running { state, .. }, Some(w)) => format!(
+                "running (state {state}, a new heartbeat within {}s of watching)",
+                secs(w.for_ms)
+            ),
+            (
+                Liveness::NotRunningSince {
+                    since_ms,
+                    clean_stop: false,
+                },
+                Some(w),
+            ) => format!(
+                "not running since {} (no new heartbeat in {}s of watching)",
+                rfc3339_utc(since_ms),
+                secs(w.for_ms)
+            ),
+            (liveness, _) => self.verdict_by_age(liveness),
+        }
+    }
+
+    fn verdict_by_age(&self, liveness: Liveness) -> String {
+        match liveness {
             Liveness::Running { age_ms, state } => {
                 format!(
                     "running (state {state}, last heartbeat {}s ago)",
@@ -136,8 +185,13 @@ impl EndpointStatus {
             "queue_depth": self.queue_depth,
             "consumers": self.consumers,
             "last_heartbeat": self.last_heartbeat,
+            "standby_heartbeat": self.standby_heartbeat,
             "now_ms": self.now_ms,
             "liveness": liveness,
+            "judged_by": match self.watched {
+                None => json!({"kind": "age", "rule": "last heartbeat younger than 2.5 intervals by this machine's clock"}),
+                Some(w) => json!({"kind": "sequence", "moved": w.moved, "watched_ms": w.for_ms}),
+            },
             "verdict": self.verdict(),
         })
     }
@@ -181,23 +235,33 @@ impl EndpointStatus {
                 None => "-".to_owned(),
             },
         );
+        let beat = |hb: &Heartbeat| {
+            format!(
+                "{} ({}s ago): state {}, seq {}, {} queued, {} running, {} results pending, agent {} on {} pid {} (instance {})",
+                rfc3339_utc(hb.time_ms),
+                secs(self.now_ms.saturating_sub(hb.time_ms)),
+                hb.state,
+                hb.seq,
+                hb.tasks_queued,
+                hb.tasks_running,
+                hb.results_pending,
+                hb.agent_version,
+                if hb.host.is_empty() { "?" } else { &hb.host },
+                hb.pid,
+                if hb.instance.is_empty() {
+                    "?"
+                } else {
+                    &hb.instance
+                },
+            )
+        };
         line(
             "last heartbeat",
-            match &self.last_heartbeat {
-                Some(hb) => format!(
-                    "{} ({}s ago): state {}, seq {}, {} queued, {} running, {} results pending, agent {}",
-                    rfc3339_utc(hb.time_ms),
-                    secs(self.now_ms.saturating_sub(hb.time_ms)),
-                    hb.state,
-                    hb.seq,
-                    hb.tasks_queued,
-                    hb.tasks_running,
-                    hb.results_pending,
-                    hb.agent_version
-                ),
-                None => "none".to_owned(),
-            },
+            self.last_heartbeat.as_ref().map_or("none".to_owned(), beat),
         );
+        if let Some(hb) = &self.standby_heartbeat {
+            line("standby", beat(hb));
+        }
         if let Some(hb) = &self.last_heartbeat {
             for (function, w) in &hb.workers {
                 line(
@@ -210,6 +274,13 @@ impl EndpointStatus {
             }
         }
         line("verdict", self.verdict());
+        line(
+            "judged by",
+            match self.watched {
+                None => "the last heartbeat's age by this machine's clock (--watch judges by the sequence moving)".to_owned(),
+                Some(w) => format!("the heartbeat sequence, watched for {}s", secs(w.for_ms)),
+            },
+        );
         out
     }
 }
@@ -230,6 +301,12 @@ pub async fn endpoint_status(
         (h.time_ms, h.seq)
     })
     .await?;
+    // Absent on endpoints provisioned before standby beats had a queue of their own: none to show.
+    let standby: Option<Heartbeat> =
+        latest(conn, ep, &ep.standby_heartbeat_queue(), |h: &Heartbeat| {
+            (h.time_ms, h.seq)
+        })
+        .await?;
     Ok(EndpointStatus {
         endpoint_id: ep.to_string(),
         provisioned: tasks.is_some(),
@@ -237,8 +314,48 @@ pub async fn endpoint_status(
         queue_depth: tasks.as_ref().map(|q| q.message_count()),
         consumers: tasks.as_ref().map(|q| q.consumer_count()),
         last_heartbeat: heartbeat,
+        standby_heartbeat: standby,
         now_ms: now_ms(),
+        watched: None,
     })
+}
+
+/// Like [`endpoint_status`], but judges liveness by the heartbeat sequence moving instead of the heartbeat's
+/// age: it watches the active heartbeat for up to 2.5 intervals and says running as soon as a new one comes
+/// (another `seq`, or another agent instance). A clock skewed between the agent's host and this one cannot make
+/// a live agent look dead, or a dead one alive. Returns at once when there is no heartbeat or it says stopped.
+pub async fn watch_status(
+    conn: &Connection,
+    ep: &EndpointId,
+) -> Result<EndpointStatus, SetupError> {
+    let first = endpoint_status(conn, ep).await?;
+    let Some(beat) = first.last_heartbeat.clone() else {
+        return Ok(first);
+    };
+    if beat.state == AgentState::Stopped {
+        return Ok(first);
+    }
+    let interval_ms = u64::from(match beat.heartbeat_secs {
+        0 => first.heartbeat_secs.unwrap_or(10),
+        s => s,
+    }) * 1000;
+    let limit = Duration::from_millis(interval_ms * 5 / 2);
+    let poll = Duration::from_millis((interval_ms / 5).clamp(100, 1000));
+    let started = tokio::time::Instant::now();
+    let mut status = first;
+    loop {
+        let moved = status
+            .last_heartbeat
+            .as_ref()
+            .is_some_and(|hb| hb.seq != beat.seq || hb.instance != beat.instance);
+        let for_ms = started.elapsed().as_millis() as u64;
+        if moved || started.elapsed() >= limit {
+            status.watched = Some(Watched { moved, for_ms });
+            return Ok(status);
+        }
+        tokio::time::sleep(poll.min(limit.saturating_sub(started.elapsed()))).await;
+        status = endpoint_status(conn, ep).await?;
+    }
 }
 
 /// Extra reads of an empty max-length-1 queue: another reader may hold its one message unacked for a moment.
@@ -317,6 +434,10 @@ mod tests {
             heartbeat_secs,
             agent_version: "0.1.0".into(),
             workers: Default::default(),
+            host: "h1".into(),
+            pid: 42,
+            instance: "i1".into(),
+            role: endpoint_wire::Role::Active,
         }
     }
 
@@ -328,7 +449,9 @@ mod tests {
             queue_depth: Some(4),
             consumers: Some(1),
             last_heartbeat: hb,
+            standby_heartbeat: None,
             now_ms: NOW,
+            watched: None,
         }
     }
 
@@ -384,6 +507,37 @@ mod tests {
             },
             "not running since 2024-02-29T12:34:55.789Z (stopped cleanly)",
         );
+        // Watched: the sequence decides, whatever the age says.
+        let mut watched = status(Some(heartbeat(Running, 600_000, 10)));
+        watched.watched = Some(Watched {
+            moved: true,
+            for_ms: 3_000,
+        });
+        assert!(matches!(watched.liveness(), Liveness::Running { .. }));
+        assert!(
+            watched.verdict().contains("a new heartbeat within 3s"),
+            "{}",
+            watched.verdict()
+        );
+        watched.last_heartbeat = Some(heartbeat(Running, 0, 10));
+        watched.watched = Some(Watched {
+            moved: false,
+            for_ms: 25_000,
+        });
+        assert!(matches!(
+            watched.liveness(),
+            Liveness::NotRunningSince {
+                clean_stop: false,
+                ..
+            }
+        ));
+        assert!(
+            watched.verdict().contains("no new heartbeat in 25s"),
+            "{}",
+            watched.verdict()
+        );
+        assert_eq!(watched.to_json()["judged_by"]["kind"], "sequence");
+        assert_eq!(status(None).to_json()["judged_by"]["kind"], "age");
         // A heartbeat from the future (clock skew) counts as fresh.
         let mut future = heartbeat(Running, 0, 10);
         future.time_ms = NOW + 5_000;

@@ -12,7 +12,8 @@ use crate::error::{SetupError, soft_error};
 use crate::management::Management;
 use endpoint_wire::amqp::queue_info;
 use endpoint_wire::{
-    EndpointId, HEARTBEATS_EXCHANGE, PROTOCOL_VERSION, Registration, TASKS_EXCHANGE, now_ms,
+    EndpointId, HANDBACK_EXCHANGE, HEARTBEATS_EXCHANGE, PROTOCOL_VERSION, Registration,
+    TASKS_EXCHANGE, now_ms,
 };
 use lapin::ExchangeKind;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
@@ -54,6 +55,9 @@ pub async fn provision_as(
     let tasks = ep.tasks_queue();
     declare_queue(&channel, &tasks, tasks_queue_args()).await?;
     bind(&channel, &tasks, TASKS_EXCHANGE, &tasks).await?;
+    // Where a hand-back puts tasks back (an endpoint's user may publish there with its own key only).
+    declare_exchange(&channel, HANDBACK_EXCHANGE, ExchangeKind::Topic).await?;
+    bind(&channel, &tasks, HANDBACK_EXCHANGE, &tasks).await?;
     let registration_queue = ep.registration_queue();
     declare_queue(&channel, &registration_queue, latest_only_queue_args()).await?;
     declare_exchange(&channel, HEARTBEATS_EXCHANGE, ExchangeKind::Topic).await?;
@@ -64,6 +68,16 @@ pub async fn provision_as(
         &heartbeat_queue,
         HEARTBEATS_EXCHANGE,
         &ep.heartbeat_routing_key(),
+    )
+    .await?;
+    // Beats of agents that do not consume (standing by, quieted): kept apart so they never hide the active one's.
+    let standby_queue = ep.standby_heartbeat_queue();
+    declare_queue(&channel, &standby_queue, latest_only_queue_args()).await?;
+    bind(
+        &channel,
+        &standby_queue,
+        HEARTBEATS_EXCHANGE,
+        &standby_queue,
     )
     .await?;
 
@@ -208,7 +222,11 @@ pub async fn deprovision(
             Err(e) => return Err(amqp_err(format!("while deleting queue {tasks}"))(e)),
         }
     }
-    for queue in [ep.registration_queue(), ep.heartbeat_queue()] {
+    for queue in [
+        ep.registration_queue(),
+        ep.heartbeat_queue(),
+        ep.standby_heartbeat_queue(),
+    ] {
         if queue_info(conn, &queue).await?.is_none() {
             continue;
         }

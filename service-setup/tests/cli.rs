@@ -687,6 +687,10 @@ fn heartbeat(ep: &EndpointId, state: AgentState, time_ms: u64, seq: u64) -> Hear
         heartbeat_secs: 5,
         agent_version: "test".into(),
         workers: Default::default(),
+        host: "test-host".into(),
+        pid: 4242,
+        instance: "test-instance".into(),
+        role: endpoint_wire::Role::Active,
     }
 }
 
@@ -757,6 +761,71 @@ async fn status_reports_never_seen_running_stale_and_stopped() {
     assert_eq!(s["liveness"]["clean_stop"], true);
     let text = cli(&["status", "--endpoint-id", ep.as_str()]).ok().stdout;
     assert!(text.contains("(stopped cleanly)"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_judges_by_the_sequence_and_standby_beats_stay_apart() {
+    let ep = unique_ep();
+    provision(&ep, &["--heartbeat", "1"]);
+    let conn = amqp().await;
+    // The agent's clock is a minute behind: by age it looks dead, by its moving sequence it is alive.
+    let skewed = || now_ms() - 60_000;
+    let mut hb = heartbeat(&ep, AgentState::Running, skewed(), 1);
+    hb.heartbeat_secs = 1;
+    beat(&conn, &hb).await;
+    assert_eq!(status_json(&ep)["liveness"]["kind"], "not_running");
+    let later = {
+        let ep = ep.clone();
+        let mut hb = hb.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            hb.seq = 2;
+            hb.time_ms = now_ms() - 60_000;
+            let conn = amqp().await;
+            beat(&conn, &hb).await;
+            let _ = ep;
+        })
+    };
+    let out = cli(&["status", "--endpoint-id", ep.as_str(), "--watch", "--json"]).ok();
+    later.await.expect("second beat");
+    let s: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("JSON");
+    assert_eq!(s["liveness"]["kind"], "running", "{s}");
+    assert_eq!(s["judged_by"]["kind"], "sequence", "{s}");
+    assert_eq!(s["judged_by"]["moved"], true, "{s}");
+    // No new beat within 2.5 intervals: not running, whatever the clock.
+    hb.time_ms = now_ms() + 3_600_000;
+    hb.seq = 3;
+    beat(&conn, &hb).await;
+    let text = cli(&["status", "--endpoint-id", ep.as_str(), "--watch"])
+        .ok()
+        .stdout;
+    assert!(text.contains("no new heartbeat in 2"), "{text}");
+    assert!(
+        text.contains("judged by       the heartbeat sequence"),
+        "{text}"
+    );
+    // A standby's beat goes to its own queue and is shown apart; the active one stands.
+    let mut standby = heartbeat(&ep, AgentState::Standby, now_ms(), 9);
+    standby.role = endpoint_wire::Role::Standby;
+    standby.instance = "the-standby".into();
+    let body = serde_json::to_vec(&standby).expect("JSON");
+    publish(
+        &conn,
+        "",
+        &ep.standby_heartbeat_queue(),
+        &body,
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
+    let s = status_json(&ep);
+    assert_eq!(s["last_heartbeat"]["seq"], 3, "{s}");
+    assert_eq!(s["standby_heartbeat"]["instance"], "the-standby", "{s}");
+    let text = cli(&["status", "--endpoint-id", ep.as_str()]).ok().stdout;
+    assert!(text.contains("standby         "), "{text}");
+    assert!(
+        text.contains("on test-host pid 4242 (instance test-instance)"),
+        "{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------

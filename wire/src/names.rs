@@ -19,6 +19,10 @@ pub const RESULTS_BINDING: &str = "*.results";
 /// Durable topic exchange heartbeats are published to, with routing key `<EP>.heartbeat` (a topic exchange,
 /// so a broker user of one endpoint can be confined to its own routing key).
 pub const HEARTBEATS_EXCHANGE: &str = "heartbeats";
+/// Durable topic exchange a hand-back republishes tasks to, with routing key `<EP>.tasks`; each tasks queue is
+/// bound to it with its own name. A topic exchange, so an endpoint's own broker user can be allowed to put
+/// tasks back into its own queue only (topic permissions), never into another endpoint's.
+pub const HANDBACK_EXCHANGE: &str = "handback";
 
 /// Task header: a per-task timeout in milliseconds (an integer); it can only shorten the function's own.
 pub const HEADER_TIMEOUT_MS: &str = "x-timeout-ms";
@@ -103,6 +107,13 @@ impl EndpointId {
     /// Routing key of this endpoint's heartbeats on [`HEARTBEATS_EXCHANGE`] (the heartbeat queue's binding).
     pub fn heartbeat_routing_key(&self) -> String {
         self.heartbeat_queue()
+    }
+
+    /// Max-length-1 queue holding the latest heartbeat of an agent that does not consume the endpoint's tasks
+    /// (standing by, or quieted), bound with the routing key of the same name: its beats never replace the
+    /// active agent's in [`EndpointId::heartbeat_queue`].
+    pub fn standby_heartbeat_queue(&self) -> String {
+        format!("{}.heartbeat.standby", self.0)
     }
 
     /// Routing key of this endpoint's results for `service` (`<EP>.results.<SERVICE>`), or of its results for

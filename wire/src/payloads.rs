@@ -111,6 +111,9 @@ pub enum AgentState {
     /// The broker blocked the publishing connection (a resource alarm): results wait on disk, tasks keep
     /// running. Seen by the service only once the block is over, since the broker blocks heartbeats too.
     Blocked,
+    /// Quieted (SIGTSTP or `endpoint-agent quiet`): consumes nothing new, so a standby takes the queue at once;
+    /// finishes and publishes what is on its disk and stays up until stopped.
+    Quiet,
     /// Shutting down: consumes nothing new, finishing what runs.
     Draining,
     /// Stopped cleanly; the last heartbeat an agent sends.
@@ -122,7 +125,7 @@ impl AgentState {
     /// shown over the intake state, but not over shutting down.
     pub fn with_conditions(self, disk_full: bool, blocked: bool) -> AgentState {
         match self {
-            AgentState::Draining | AgentState::Stopped => self,
+            AgentState::Draining | AgentState::Stopped | AgentState::Quiet => self,
             _ if disk_full => AgentState::DiskFull,
             _ if blocked => AgentState::Blocked,
             _ => self,
@@ -156,6 +159,39 @@ pub struct Heartbeat {
     /// Workers of each pool function (absent when the agent has no pool functions).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub workers: std::collections::BTreeMap<String, WorkerCounts>,
+    /// The host the agent runs on (its host name).
+    #[serde(default)]
+    pub host: String,
+    /// The agent's process id on that host.
+    #[serde(default)]
+    pub pid: u32,
+    /// Chosen at each start: tells two runs (or two agents) on one host apart.
+    #[serde(default)]
+    pub instance: String,
+    /// Whether the agent holds the endpoint's tasks consumer (its beats go to `<EP>.heartbeat`) or not (standby,
+    /// quiet: `<EP>.heartbeat.standby`), so a standby's beat never hides the active agent's.
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// Whether an agent consumes the endpoint's tasks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Holds the tasks consumer (or held it until it stopped).
+    #[default]
+    Active,
+    /// Does not: waiting to take over, or quieted.
+    Standby,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Active => "active",
+            Role::Standby => "standby",
+        })
+    }
 }
 
 /// The workers of one pool function, by what they are doing.
