@@ -12,6 +12,7 @@ use endpoint_wire::{BrokerUrl, EndpointId, Tls, TlsError, TlsFiles};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// Built-in functions, always available; a config file cannot redefine them.
@@ -44,7 +45,46 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// Timeout of the built-in functions (`sleep`); a task's `x-timeout-ms` can only shorten it.
     pub builtin_timeout: Duration,
-    pub functions: BTreeMap<String, Function>,
+    /// The functions this endpoint offers: shared by every clone of this `Config`, replaced by a reload
+    /// (SIGHUP, [`Config::reload`]) for tasks not yet started.
+    pub functions: Functions,
+    /// Where to serve /metrics, /healthz, /readyz and the status page (`--http`, else `http_addr`); off if `None`.
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// At the end of a clean stop, hand the tasks still queued on disk back to the broker (for hosts that will
+    /// not return).
+    pub handback_on_stop: bool,
+    /// Where this config came from, for [`Config::reload`]; `None` without a config file.
+    pub origin: Option<Origin>,
+}
+
+/// What a config was loaded from: the command line's values and the file, read again on reload.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub overrides: Overrides,
+    pub file: PathBuf,
+    /// `--http`, which wins over the file's `http_addr`.
+    pub http_flag: Option<std::net::SocketAddr>,
+}
+
+/// The functions an endpoint offers, by name. Every clone shares one table: a reload replaces it whole, and
+/// a task looks its function up when it starts, so a change applies to every task not yet started and never
+/// to a running one.
+#[derive(Clone, Debug)]
+pub struct Functions(Arc<RwLock<Arc<BTreeMap<String, Function>>>>);
+
+impl Functions {
+    fn new(table: BTreeMap<String, Function>) -> Functions {
+        Functions(Arc::new(RwLock::new(Arc::new(table))))
+    }
+
+    /// The table as it is now.
+    pub fn current(&self) -> Arc<BTreeMap<String, Function>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn replace(&self, table: BTreeMap<String, Function>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -124,6 +164,13 @@ pub struct Overrides {
     pub prefetch: Option<u16>,
 }
 
+/// What a reload applied and what waits for a restart, one line each (for the log).
+#[derive(Debug, Default)]
+pub struct Reload {
+    pub applied: Vec<String>,
+    pub need_restart: Vec<String>,
+}
+
 /// The TOML file, as written by an operator. See README "Configuration".
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +189,9 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    http_addr: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    handback_on_stop: bool,
     #[serde(default)]
     functions: BTreeMap<String, FileFunction>,
 }
@@ -190,6 +240,11 @@ pub enum ConfigError {
 impl Config {
     /// Reads the file (if any), lays the overrides over it and validates the result.
     pub fn load(overrides: Overrides, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let origin = file.map(|f| Origin {
+            overrides: overrides.clone(),
+            file: f.to_owned(),
+            http_flag: None,
+        });
         let parsed = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -199,7 +254,9 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        Self::build(overrides, parsed)
+        let mut config = Self::build(overrides, parsed)?;
+        config.origin = origin;
+        Ok(config)
     }
 
     fn build(o: Overrides, f: FileConfig) -> Result<Config, ConfigError> {
@@ -246,7 +303,10 @@ impl Config {
                 f.builtin_timeout_secs
                     .unwrap_or(DEFAULT_FUNCTION_TIMEOUT_SECS),
             ),
-            functions,
+            functions: Functions::new(functions),
+            http_addr: f.http_addr,
+            handback_on_stop: f.handback_on_stop,
+            origin: None,
         };
         config.validate()?;
         Ok(config)
@@ -295,9 +355,171 @@ impl Config {
         Ok(url.with_tls(self.tls.clone()))
     }
 
-    /// The function named by a task's `type`, if this endpoint offers it.
-    pub fn function(&self, name: &str) -> Option<&Function> {
-        self.functions.get(name)
+    /// `--http` wins over the file's `http_addr` (kept out of [`Overrides`] so that its other users need not
+    /// change).
+    pub fn with_http_flag(mut self, flag: Option<std::net::SocketAddr>) -> Config {
+        self.http_addr = flag.or(self.http_addr);
+        if let Some(origin) = &mut self.origin {
+            origin.http_flag = flag;
+        }
+        self
+    }
+
+    /// The function named by a task's `type`, if this endpoint offers it (as the config is now: see
+    /// [`Config::reload`]).
+    pub fn function(&self, name: &str) -> Option<Function> {
+        self.functions.current().get(name).cloned()
+    }
+
+    /// Whether this endpoint offers `name` now.
+    pub fn offers(&self, name: &str) -> bool {
+        self.functions.current().contains_key(name)
+    }
+
+    /// Reads the config file again (SIGHUP) and applies what can change while the agent runs: the functions
+    /// that are not pools (added, changed or removed), for every task not yet started. Pool functions keep
+    /// their definition and every other setting its value until a restart; each such difference is returned
+    /// as a note to log. An unreadable or invalid file changes nothing and is the error.
+    pub fn reload(&self) -> Result<Reload, ConfigError> {
+        let Some(origin) = &self.origin else {
+            return Ok(Reload {
+                applied: Vec::new(),
+                need_restart: vec![
+                    "the agent was started without a config file (--config): there is nothing to re-read"
+                        .into(),
+                ],
+            });
+        };
+        let new = Config::load(origin.overrides.clone(), Some(&origin.file))?
+            .with_http_flag(origin.http_flag);
+        let old_table = self.functions.current();
+        let new_table = new.functions.current();
+        let mut table = BTreeMap::new();
+        let mut applied = Vec::new();
+        let mut need_restart = Vec::new();
+        let names: std::collections::BTreeSet<&String> =
+            old_table.keys().chain(new_table.keys()).collect();
+        for name in names {
+            let (old, new) = (old_table.get(name), new_table.get(name));
+            let pool = |f: Option<&Function>| matches!(f, Some(Function::Pool(_)));
+            if old == new {
+                if let Some(f) = old {
+                    table.insert(name.clone(), f.clone());
+                }
+            } else if pool(old) || pool(new) {
+                if let Some(f) = old {
+                    table.insert(name.clone(), f.clone());
+                }
+                need_restart.push(format!(
+                    "function {name:?} is a pool function: its change takes effect after a restart"
+                ));
+            } else {
+                match new {
+                    Some(f) => {
+                        table.insert(name.clone(), f.clone());
+                        applied.push(format!(
+                            "function {name:?} {}",
+                            if old.is_some() { "changed" } else { "added" }
+                        ));
+                    }
+                    None => applied.push(format!("function {name:?} removed")),
+                }
+            }
+        }
+        for (key, was, is) in new.restart_only_differences(self) {
+            need_restart.push(format!(
+                "{key} changed ({was} -> {is}): takes effect after a restart"
+            ));
+        }
+        self.functions.replace(table);
+        Ok(Reload {
+            applied,
+            need_restart,
+        })
+    }
+
+    /// The settings a reload does not apply that differ between `self` and `running`.
+    fn restart_only_differences(&self, running: &Config) -> Vec<(&'static str, String, String)> {
+        let mut out = Vec::new();
+        let mut cmp = |key: &'static str, new: String, old: String| {
+            if new != old {
+                out.push((key, old, new));
+            }
+        };
+        let d = |d: Duration| format!("{d:?}");
+        cmp(
+            "data_dir",
+            self.data_dir.display().to_string(),
+            running.data_dir.display().to_string(),
+        );
+        cmp(
+            "workers",
+            self.workers.to_string(),
+            running.workers.to_string(),
+        );
+        cmp(
+            "prefetch",
+            self.prefetch.to_string(),
+            running.prefetch.to_string(),
+        );
+        cmp(
+            "max_backlog",
+            self.max_backlog.to_string(),
+            running.max_backlog.to_string(),
+        );
+        cmp(
+            "max_attempts",
+            self.max_attempts.to_string(),
+            running.max_attempts.to_string(),
+        );
+        cmp(
+            "max_body_bytes",
+            self.max_body_bytes.to_string(),
+            running.max_body_bytes.to_string(),
+        );
+        cmp(
+            "grace_period_secs",
+            d(self.grace_period),
+            d(running.grace_period),
+        );
+        cmp(
+            "result_retention_secs",
+            d(self.result_retention),
+            d(running.result_retention),
+        );
+        cmp(
+            "reconnect_min_ms",
+            d(self.reconnect_min),
+            d(running.reconnect_min),
+        );
+        cmp(
+            "reconnect_max_ms",
+            d(self.reconnect_max),
+            d(running.reconnect_max),
+        );
+        cmp(
+            "builtin_timeout_secs",
+            d(self.builtin_timeout),
+            d(running.builtin_timeout),
+        );
+        cmp(
+            "http_addr",
+            format!("{:?}", self.http_addr),
+            format!("{:?}", running.http_addr),
+        );
+        cmp(
+            "handback_on_stop",
+            self.handback_on_stop.to_string(),
+            running.handback_on_stop.to_string(),
+        );
+        if self.tls != running.tls {
+            out.push((
+                "tls_ca/tls_cert/tls_key",
+                "the files read at start".into(),
+                "other contents".into(),
+            ));
+        }
+        out
     }
 }
 
@@ -545,7 +767,7 @@ mod tests {
             panic!("py is a pool function")
         };
         assert_eq!((py.size, py.max_tasks_per_worker), (3, Some(100)));
-        assert_eq!(c.function("gpu").map(Function::pool_size), Some(0));
+        assert_eq!(c.function("gpu").as_ref().map(Function::pool_size), Some(0));
         // Every pool worker can run at once.
         assert!(c.workers >= 3);
         check("[functions.x]\npool = 2\n", Err("empty command"));
@@ -566,5 +788,61 @@ mod tests {
         let f = toml::from_str::<FileConfig>("workers = 2\ndata_dir = \"/elsewhere\"").unwrap();
         let c = Config::build(o, f).unwrap();
         assert_eq!((c.workers, c.data_dir), (7, PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn http_address() {
+        assert_eq!(check("", Ok(())).unwrap().http_addr, None);
+        let c = check("http_addr = \"127.0.0.1:9464\"", Ok(())).unwrap();
+        assert_eq!(c.http_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        let flag = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(c.clone().with_http_flag(Some(flag)).http_addr, Some(flag));
+        assert_eq!(
+            c.with_http_flag(None).http_addr,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        check("http_addr = \"localhost\"", Err("http_addr"));
+    }
+
+    #[test]
+    fn reload_applies_functions_and_names_what_needs_a_restart() {
+        let file = std::env::temp_dir().join(format!("ea-unit-reload-{}.toml", std::process::id()));
+        let write = |text: &str| std::fs::write(&file, text).unwrap();
+        write(
+            "workers = 2\n[functions.a]\ncommand = [\"true\"]\n[functions.gone]\ncommand = [\"true\"]\n\
+             [functions.p]\ncommand = [\"w\"]\npool = 1\n",
+        );
+        let config = Config::load(overrides(), Some(&file)).unwrap();
+        let shared = config.clone();
+        write(
+            "workers = 3\n[functions.a]\ncommand = [\"false\"]\n[functions.b]\ncommand = [\"true\"]\n\
+             [functions.p]\ncommand = [\"w2\"]\npool = 1\n[functions.q]\ncommand = [\"w\"]\npool = 1\n",
+        );
+        let r = config.reload().unwrap();
+        assert_eq!(
+            r.applied,
+            [
+                "function \"a\" changed",
+                "function \"b\" added",
+                "function \"gone\" removed"
+            ]
+        );
+        assert_eq!(r.need_restart.len(), 3, "{:?}", r.need_restart);
+        assert!(r.need_restart[2].starts_with("workers changed (2 -> 3)"));
+        // Every clone sees the new table; pool functions keep their definition, a new pool waits.
+        let Some(Function::Command(a)) = shared.function("a") else {
+            panic!("a is a command")
+        };
+        assert_eq!(a.program, "false");
+        assert!(shared.offers("b") && !shared.offers("gone") && !shared.offers("q"));
+        let Some(Function::Pool(p)) = shared.function("p") else {
+            panic!("p is a pool")
+        };
+        assert_eq!(p.command.program, "w");
+        // A bad file changes nothing.
+        write("workers = \"many\"\n");
+        assert!(config.reload().is_err());
+        assert!(shared.offers("b"));
+        let _ = std::fs::remove_file(&file);
     }
 }

@@ -122,6 +122,7 @@ pub(crate) fn classify_raw(config: &Config, m: RawMessage) -> Option<Intake> {
         header_bytes: p.headers.as_ref().map_or(0, Vec::len),
         body_size,
         reply_to,
+        headers: p.headers.clone(),
     };
     classify(config, fields, body)
 }
@@ -148,6 +149,8 @@ pub(crate) struct Fields<'a> {
     pub body_size: u64,
     /// The service whose queue gets the result, from `reply_to` (already checked).
     pub reply_to: Option<ServiceName>,
+    /// The encoded header entries as they arrived, kept with the task (for a hand-back).
+    pub headers: Option<Vec<u8>>,
 }
 
 /// Decides what a delivery becomes. `None`: no task id, so nothing can be answered (logged and acked).
@@ -159,6 +162,7 @@ pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Op
         header_bytes,
         body_size,
         reply_to,
+        headers,
     } = fields;
     let task_id = message_id.filter(|id| !id.is_empty())?.to_owned();
     let reject = |function: &str, reason: String| {
@@ -175,8 +179,9 @@ pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Op
             "task has no `type` property: set it to the name of the function to run".into(),
         );
     };
-    if config.function(function).is_none() {
-        let offered: Vec<&str> = config.functions.keys().map(String::as_str).collect();
+    if !config.offers(function) {
+        let table = config.functions.current();
+        let offered: Vec<&str> = table.keys().map(String::as_str).collect();
         return reject(
             function,
             format!(
@@ -212,6 +217,7 @@ pub(crate) fn classify(config: &Config, fields: Fields<'_>, body: Vec<u8>) -> Op
         payload: body,
         timeout_ms,
         reply_to,
+        headers,
     }))
 }
 
@@ -232,6 +238,7 @@ pub(crate) mod tests {
         let c = config();
         let task = |f: &str| {
             Intake::Task(NewTask {
+                headers: None,
                 task_id: "t".into(),
                 function: f.into(),
                 payload: b"hi".to_vec(),
@@ -275,6 +282,7 @@ pub(crate) mod tests {
         want: Option<&str>,
     ) {
         let fields = Fields {
+            headers: None,
             message_id: id,
             function: f,
             timeout: t,

@@ -17,6 +17,23 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` (colour only when stderr is a terminal) or `json` (one object per line,
+    /// with `timestamp`, `level`, `target`, `message` and the event's fields, such as `task_id` on per-task
+    /// lines; for log shippers).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "ENDPOINT_AGENT_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -37,6 +54,10 @@ to plaintext, and a certificate problem at start is an error (exit 1).
 
 Signals: SIGINT/SIGTERM stop taking tasks, let running ones finish within grace_period_secs and publish
 what is pending; a second signal exits at once (nothing is lost: unfinished work resumes at the next start).
+SIGTSTP (or `endpoint-agent quiet`) quiets the agent: it gives up the tasks queue so a standby takes it, and
+finishes and publishes what is on its disk; stop it with SIGTERM afterwards. SIGHUP re-reads --config:
+function changes apply to tasks not yet started; other settings need a restart (the log says which).
+Under systemd (Type=notify) the agent sends READY=1, STOPPING=1 and, with WatchdogSec=, WATCHDOG=1.
 Logs go to stderr; RUST_LOG sets the level (default `info,lapin=off`: every broker error the agent sees is
 logged by the agent itself; RUST_LOG=info,endpoint_agent=debug adds a line per task).")]
     Start {
@@ -53,6 +74,43 @@ logged by the agent itself; RUST_LOG=info,endpoint_agent=debug adds a line per t
         /// Deliveries in flight from the broker before an ack [default: 256, or the config file's `prefetch`].
         #[arg(long)]
         prefetch: Option<u16>,
+        /// Serve /metrics (Prometheus), /healthz, /readyz and a status page at / on ADDR, e.g. 127.0.0.1:9464
+        /// [default: off, or the config file's `http_addr`].
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+    },
+    /// Quiet the agent running on an endpoint's data directory (sends it SIGTSTP): it stops consuming so a
+    /// standby takes the tasks queue, finishes and publishes what is on its disk, and stays up until SIGTERM.
+    #[command(after_help = "Examples:
+  endpoint-agent quiet --endpoint-id demo
+  endpoint-agent quiet --data-dir /var/lib/endpoint-agent/demo
+
+A deploy: quiet the old agent, wait until `endpoint-agent status` shows nothing queued or running, then stop
+it with SIGTERM. Exit status: 0 signalled, 1 no agent runs on the data directory.")]
+    Quiet {
+        #[command(flatten)]
+        endpoint: StatusArgs,
+    },
+    /// Put the tasks an endpoint's data directory holds without a result back into the endpoint's tasks queue,
+    /// for another agent (retiring a host that will not return). Publishes pending results first.
+    #[command(after_help = "Examples:
+  endpoint-agent handback --endpoint-id demo
+  endpoint-agent handback --endpoint-id demo --data-dir /mnt/old-host/demo --broker-url-file demo.url
+
+Each task goes back as it came (message_id, type, headers, reply_to, payload), mandatory and confirmed,
+and is marked handed back on disk only after the broker's confirm: an interrupted hand-back loses
+nothing; run it again. A task handed back twice reaches the queue twice (see docs/operations.md).
+`handback_on_stop = true` in the config does the same at the end of every clean stop.
+Exit status: 0 done, 1 failed part way (the rest stays on disk), 3 endpoint not provisioned,
+4 an agent holds the data directory (stop it first).")]
+    Handback {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// The agent's TOML config file (for the data directory, TLS and limits it names).
+        #[arg(long, env = "ENDPOINT_AGENT_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Show what an endpoint's data directory holds and whether an agent is running on it.
     #[command(after_help = "Examples:
@@ -133,13 +191,7 @@ const EXIT_LOCKED: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format);
     let result = match cli.command {
         Command::Start {
             endpoint,
@@ -147,8 +199,15 @@ fn main() -> ExitCode {
             config,
             workers,
             prefetch,
-        } => start(endpoint, broker, config, workers, prefetch),
+            http,
+        } => start(endpoint, broker, config, workers, prefetch, http),
         Command::Status { endpoint, json } => status(endpoint, json),
+        Command::Quiet { endpoint } => quiet(endpoint),
+        Command::Handback {
+            endpoint,
+            broker,
+            config,
+        } => handback(endpoint, broker, config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,12 +223,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr in `format`; `RUST_LOG` sets the level. Colour only when stderr is a terminal.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .init(),
+    }
+}
+
 fn start(
     endpoint: EndpointArgs,
     broker: BrokerArgs,
     config_file: Option<PathBuf>,
     workers: Option<usize>,
     prefetch: Option<u16>,
+    http: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let (broker, tls) = broker.source()?;
     let overrides = Overrides {
@@ -181,6 +260,7 @@ fn start(
         prefetch,
     };
     let config = Config::load(overrides, config_file.as_deref())?;
+    let config = config.with_http_flag(http);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -230,12 +310,65 @@ impl StopSignals {
     }
 }
 
-fn status(args: StatusArgs, json: bool) -> anyhow::Result<()> {
-    let dir = match (args.data_dir, args.endpoint_id) {
-        (Some(d), _) => d,
-        (None, Some(ep)) => default_data_dir(&ep),
-        (None, None) => anyhow::bail!("pass --data-dir or --endpoint-id"),
+impl StatusArgs {
+    fn dir(self) -> anyhow::Result<PathBuf> {
+        match (self.data_dir, self.endpoint_id) {
+            (Some(d), _) => Ok(d),
+            (None, Some(ep)) => Ok(default_data_dir(&ep)),
+            (None, None) => anyhow::bail!("pass --data-dir or --endpoint-id"),
+        }
+    }
+}
+
+fn quiet(args: StatusArgs) -> anyhow::Result<()> {
+    let dir = args.dir()?;
+    let pid = endpoint_agent::quiet(&dir).map_err(anyhow::Error::msg)?;
+    println!(
+        "asked the agent (pid {pid}) on {} to quiet: it takes no new tasks and finishes what is on its disk; `endpoint-agent status` shows when it is done, then stop it with SIGTERM",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn handback(
+    endpoint: EndpointArgs,
+    broker: BrokerArgs,
+    config_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (broker, tls) = broker.source()?;
+    let overrides = Overrides {
+        endpoint_id: endpoint.endpoint_id,
+        broker,
+        tls,
+        data_dir: endpoint.data_dir,
+        workers: None,
+        prefetch: None,
     };
+    let config = Config::load(overrides, config_file.as_deref())?;
+    if !config
+        .data_dir
+        .join(endpoint_agent::store::DB_FILE)
+        .exists()
+    {
+        anyhow::bail!(
+            "{} holds no agent database: nothing to hand back (pass the data directory with --data-dir)",
+            config.data_dir.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("while starting the async runtime")?;
+    let done = runtime.block_on(endpoint_agent::handback(config))?;
+    println!(
+        "handed back {} task(s) to the tasks queue; published {} pending result(s)",
+        done.tasks_handed_back, done.results_published
+    );
+    Ok(())
+}
+
+fn status(args: StatusArgs, json: bool) -> anyhow::Result<()> {
+    let dir = args.dir()?;
     let status = endpoint_agent::status::local_status(&dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);

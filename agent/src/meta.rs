@@ -14,6 +14,8 @@ pub enum MetaKey {
     DiskFull,
     /// The pool workers per function, as JSON (`{"fn": {"idle": 2, "busy": 0, ...}}`).
     Workers,
+    /// `since T` while the agent is quiet (consumes nothing new); empty when not in effect.
+    Quiet,
 }
 
 impl MetaKey {
@@ -25,6 +27,7 @@ impl MetaKey {
             MetaKey::PublishingBlocked => "publishing_blocked",
             MetaKey::DiskFull => "disk_full",
             MetaKey::Workers => "workers",
+            MetaKey::Quiet => "quiet",
         }
     }
 }

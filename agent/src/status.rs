@@ -21,6 +21,9 @@ pub struct LocalStatus {
     pub tasks_running: u64,
     pub tasks_done: u64,
     pub results_pending: u64,
+    /// Tasks this disk handed back to the broker (`endpoint-agent handback`, `handback_on_stop`), kept until
+    /// the result retention passes.
+    pub tasks_handed_back: u64,
     /// The broker link as last recorded: `connected since T`, `disconnected since T: why`, `stopped at T`.
     pub link: Option<String>,
     /// How often the agent has reconnected to the broker since it started.
@@ -30,6 +33,8 @@ pub struct LocalStatus {
     /// `since <time>: <error>` while the database cannot grow, if the agent could record it (the disk being
     /// full, it may not); the heartbeat's `disk_full` state tells the service in any case.
     pub disk_full: Option<String>,
+    /// `since <time>` while the running agent is quiet (consumes nothing new).
+    pub quiet: Option<String>,
     /// Pool workers per function, as the running agent last recorded them.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub workers: BTreeMap<String, WorkerCounts>,
@@ -56,6 +61,7 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
     let condition = |key: MetaKey| get(key).filter(|v| !v.is_empty() && online);
     let publishing_blocked = condition(MetaKey::PublishingBlocked);
     let disk_full = condition(MetaKey::DiskFull);
+    let quiet = condition(MetaKey::Quiet);
     let workers = condition(MetaKey::Workers)
         .and_then(|w| serde_json::from_str(&w).ok())
         .unwrap_or_default();
@@ -67,10 +73,12 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
         tasks_running: counts.running,
         tasks_done: counts.done,
         results_pending: counts.results_pending,
+        tasks_handed_back: counts.handed_back,
         link,
         reconnects,
         publishing_blocked,
         disk_full,
+        quiet,
         workers,
     })
 }
@@ -86,12 +94,20 @@ impl LocalStatus {
             self.tasks_done,
             self.results_pending
         );
+        if self.tasks_handed_back > 0 {
+            s.push_str(&format!("handed back:     {}\n", self.tasks_handed_back));
+        }
         if let Some(link) = &self.link {
             s.push_str(&format!("broker link:     {link}\n"));
             s.push_str(&format!("reconnects:      {}\n", self.reconnects));
         }
         if let Some(b) = &self.publishing_blocked {
             s.push_str(&format!("publishing:      blocked by the broker {b}\n"));
+        }
+        if let Some(q) = &self.quiet {
+            s.push_str(&format!(
+                "quiet:           {q}: consuming nothing new, finishing what is on disk\n"
+            ));
         }
         if let Some(d) = &self.disk_full {
             s.push_str(&format!("disk:            full {d}\n"));

@@ -1,7 +1,7 @@
 //! The operating-system calls the agent needs that the standard library does not offer, behind safe
 //! functions: who the agent runs as, looking up a user, and what a command's child process does between
 //! `fork` and `exec` (leave the agent's cgroup for its own, resource limits, drop to another user, die with
-//! the agent, no new privileges); and killing a process group. The only module with `unsafe`: each block
+//! the agent, no new privileges); killing a process group; and systemd's notifications. The only module with `unsafe`: each block
 //! says why it is sound.
 
 #![allow(unsafe_code)]
@@ -166,6 +166,19 @@ impl ChildSetup {
     }
 }
 
+/// The signal number of SIGTSTP.
+pub const SIGTSTP: i32 = libc::SIGTSTP;
+
+/// Sends SIGTSTP to process `pid` (an agent asked to quiet). An error says why it could not be sent.
+pub fn send_quiet(pid: u32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill takes plain integers.
+    if unsafe { libc::kill(pid, libc::SIGTSTP) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// SIGTERMs the process group `pgid` (a pool worker being replaced may finish what it does). Gone is fine.
 pub fn terminate_group(pgid: Option<u32>) {
     if let Some(pgid) = pgid.and_then(|p| libc::pid_t::try_from(p).ok()) {
@@ -184,6 +197,39 @@ pub fn kill_group(pgid: Option<u32>) {
             libc::killpg(pgid, libc::SIGKILL);
         }
     }
+}
+
+/// Tells systemd (a `Type=notify` unit) about the agent: `READY=1`, `STOPPING=1`, `WATCHDOG=1`, `STATUS=...`
+/// lines. A no-op unless systemd set `NOTIFY_SOCKET` (a path, or `@name` for an abstract socket); a failure is
+/// only logged at debug level, since the notification is advisory.
+pub fn sd_notify(state: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|sock| match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            sock.send_to_addr(state.as_bytes(), &addr)
+        }
+        None => sock.send_to(state.as_bytes(), &path),
+    });
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, state, "cannot notify systemd");
+    }
+}
+
+/// How often systemd's watchdog wants a `WATCHDOG=1` (half its `WATCHDOG_USEC`, for this process), if it is on.
+pub fn watchdog_every() -> Option<std::time::Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
 }
 
 #[cfg(test)]

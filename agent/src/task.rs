@@ -13,6 +13,9 @@ pub struct NewTask {
     pub timeout_ms: Option<u64>,
     /// The service whose queue gets the result (the task's `reply_to`); `None`: the shared `results` queue.
     pub reply_to: Option<ServiceName>,
+    /// The task's headers as they arrived (the encoded field-table entries), kept so that a hand-back
+    /// republishes the task as it came.
+    pub headers: Option<Vec<u8>>,
 }
 
 /// What one delivery becomes, handed to the store by the subscriber.
@@ -73,4 +76,6 @@ pub struct Counts {
     pub running: u64,
     pub done: u64,
     pub results_pending: u64,
+    /// Tasks handed back to the broker (`endpoint-agent handback`), never run here.
+    pub handed_back: u64,
 }

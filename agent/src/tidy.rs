@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["lib", "status"],
     &["session"],
-    &["intake", "executor", "raw", "store", "data_dir"],
+    &["intake", "executor", "raw", "store", "data_dir", "http"],
     &[
         "task", "claim", "config", "limits", "meta", "retry", "sys", "testing",
     ],

@@ -83,14 +83,14 @@ pub(crate) async fn execute(
         }
         Function::Command(spec) => {
             let timeout = task_timeout.map_or(spec.timeout, |t| t.min(spec.timeout));
-            process::run_command(spec, &places.sandbox, task, timeout, kill).await
+            process::run_command(&spec, &places.sandbox, task, timeout, kill).await
         }
         Function::Pool(spec) => {
             let timeout =
                 task_timeout.map_or(spec.command.timeout, |t| t.min(spec.command.timeout));
             match &places.pools {
                 // Boxed: the exchange with a worker is a large future, the slot's loop stays small.
-                Some(pools) => Box::pin(pools.run(spec, task, timeout, stop, kill)).await,
+                Some(pools) => Box::pin(pools.run(&spec, task, timeout, stop, kill)).await,
                 None => finished(Status::Failed, None, "pool workers are not running"),
             }
         }

@@ -87,6 +87,7 @@ pub(crate) async fn worker(
             continue;
         };
         let started = Instant::now();
+        let _busy = crate::http::metrics::task_started(&config, &task.function);
         tracing::debug!(task_id = %task.task_id, function = %task.function, attempt = task.attempts, "running");
         match execute(&config, &places, &task, &stop, &kill).await {
             Outcome::Interrupted => {
@@ -113,6 +114,12 @@ pub(crate) async fn worker(
                 }
             }
             Outcome::Retry { why } => {
+                crate::http::metrics::task_finished(
+                    &config,
+                    &task.function,
+                    endpoint_wire::Status::Failed,
+                    started.elapsed(),
+                );
                 unsaved_since.get_or_insert_with(Instant::now);
                 unsaved.push(TaskResult {
                     task_id: task.task_id,
@@ -133,6 +140,7 @@ pub(crate) async fn worker(
                 body,
             } => {
                 let took = started.elapsed();
+                crate::http::metrics::task_finished(&config, &task.function, status, took);
                 tracing::debug!(task_id = %task.task_id, %status, "finished");
                 run_times.ran(&task.function, took);
                 unsaved_since.get_or_insert_with(Instant::now);
@@ -171,6 +179,7 @@ mod tests {
             (from..from + n)
                 .map(|i| {
                     Intake::Task(NewTask {
+                        headers: None,
                         task_id: format!("t{i}"),
                         function: function.into(),
                         payload: payload.as_bytes().to_vec(),

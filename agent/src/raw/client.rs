@@ -40,6 +40,9 @@ pub enum RawError {
     Cancelled,
     #[error("unexpected AMQP frame {0}")]
     Protocol(String),
+    /// A `mandatory` message no queue took (`reply-code reply-text`).
+    #[error("the broker returned the message as unroutable ({0})")]
+    Returned(String),
 }
 
 impl RawError {
@@ -199,6 +202,31 @@ impl RawConnection {
         props: &RawProperties,
         body: &[u8],
     ) -> Result<(), RawError> {
+        self.publish_with(exchange, routing_key, props, body, false)
+            .await
+    }
+
+    /// [`RawConnection::publish`] with the `mandatory` flag: a message no queue takes comes back
+    /// ([`RawError::Returned`]) instead of being dropped by the broker.
+    pub async fn publish_mandatory(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        props: &RawProperties,
+        body: &[u8],
+    ) -> Result<(), RawError> {
+        self.publish_with(exchange, routing_key, props, body, true)
+            .await
+    }
+
+    async fn publish_with(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        props: &RawProperties,
+        body: &[u8],
+        mandatory: bool,
+    ) -> Result<(), RawError> {
         if !self.confirming {
             self.send_method(CHANNEL, CONFIRM_SELECT, &[NO_BITS])
                 .await?;
@@ -209,17 +237,32 @@ impl RawConnection {
         let mut args = vec![0, 0]; // reserved ticket
         short_str(&mut args, exchange.as_bytes());
         short_str(&mut args, routing_key.as_bytes());
-        args.push(NO_BITS);
+        args.push(if mandatory { 1 } else { NO_BITS });
         self.send_method(CHANNEL, BASIC_PUBLISH, &args).await?;
         let header = encode_content_header(body.len(), props);
         self.write_frame(FRAME_HEADER, CHANNEL, &header).await?;
         for chunk in body.chunks(self.frame_max - FRAME_OVERHEAD) {
             self.write_frame(FRAME_BODY, CHANNEL, chunk).await?;
         }
+        // A returned message (basic.return, its header and body) comes before the confirm.
+        let mut returned: Option<String> = None;
         loop {
             let frame = self.read_frame().await?;
             if frame.is(BASIC_ACK) {
-                return Ok(());
+                return match returned {
+                    None => Ok(()),
+                    Some(why) => Err(RawError::Returned(why)),
+                };
+            }
+            if let Some((BASIC_RETURN, args)) = frame.method() {
+                let mut a = args;
+                let code = take_u16(&mut a).unwrap_or(0);
+                let text = take_short(&mut a)
+                    .map(|t| String::from_utf8_lossy(t).into_owned())
+                    .unwrap_or_default();
+                returned = Some(format!("{code} {text}"));
+                self.skip_content().await?;
+                continue;
             }
             if frame.is(BASIC_NACK) {
                 return Err(RawError::Protocol(
@@ -270,6 +313,28 @@ impl RawConnection {
             body_size: size,
             body,
         }))
+    }
+
+    /// Reads and drops the header and body frames of a returned message.
+    async fn skip_content(&mut self) -> Result<(), RawError> {
+        let header = self.read_frame().await?;
+        if header.kind != FRAME_HEADER {
+            return Err(RawError::Protocol(
+                "content header of a returned message".into(),
+            ));
+        }
+        let (size, _) = parse_content_header(&header.payload).map_err(RawError::Protocol)?;
+        let mut read = 0u64;
+        while read < size {
+            let frame = self.read_frame().await?;
+            if frame.kind != FRAME_BODY {
+                return Err(RawError::Protocol(
+                    "content body of a returned message".into(),
+                ));
+            }
+            read += frame.payload.len() as u64;
+        }
+        Ok(())
     }
 
     pub async fn ack(&mut self, delivery_tag: u64) -> Result<(), RawError> {

@@ -57,6 +57,7 @@ pub(super) const BASIC_CONSUME: Method = m(CLASS_BASIC, 20);
 pub(super) const BASIC_CONSUME_OK: Method = m(CLASS_BASIC, 21);
 pub(super) const BASIC_CANCEL: Method = m(CLASS_BASIC, 30);
 pub(super) const BASIC_PUBLISH: Method = m(CLASS_BASIC, 40);
+pub(super) const BASIC_RETURN: Method = m(CLASS_BASIC, 50);
 pub(super) const BASIC_DELIVER: Method = m(CLASS_BASIC, 60);
 pub(super) const BASIC_GET: Method = m(CLASS_BASIC, 70);
 pub(super) const BASIC_GET_OK: Method = m(CLASS_BASIC, 71);

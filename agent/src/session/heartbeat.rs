@@ -1,7 +1,9 @@
-//! The heartbeat ticker: every interval the registration sets, the agent's state and counts go to the
-//! `heartbeats` exchange with routing key `<EP>.heartbeat`, bound to the endpoint's max-length-1 queue of that
-//! name (unconfirmed: the next beat supersedes a lost one), and a confirmed
-//! `stopped` beat ends a clean stop. `service-setup status` judges liveness from them.
+//! The heartbeat ticker: every interval the registration sets, the agent's state and counts, its host, pid,
+//! instance and role go to the `heartbeats` exchange (unconfirmed: the next beat supersedes a lost one), and a
+//! confirmed `stopped` beat ends a clean stop. An agent that holds the tasks consumer (or held it until it
+//! stopped) beats with routing key `<EP>.heartbeat`; one that does not (standing by, quiet) with
+//! `<EP>.heartbeat.standby`, so its beats land in a queue of their own and never hide the active agent's.
+//! `service-setup status` judges liveness from them.
 
 use super::publisher::confirm_channel;
 use crate::config::Config;
@@ -10,7 +12,7 @@ use endpoint_wire::{self as wire, AgentState, BrokerError, Heartbeat};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Connection};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -25,19 +27,77 @@ pub(crate) struct Heartbeats {
     pub blocked: watch::Receiver<Option<String>>,
     /// Pool workers per function.
     pub workers: watch::Receiver<std::collections::BTreeMap<String, wire::WorkerCounts>>,
+    /// Whether this agent holds the tasks consumer (set by the subscriber, cleared by quiet).
+    pub consuming: Arc<AtomicBool>,
+    /// Who is beating.
+    pub identity: Identity,
+}
+
+/// What tells this agent apart from any other beating for the endpoint.
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    pub host: String,
+    pub pid: u32,
+    /// Random at every start.
+    pub instance: String,
+}
+
+impl Identity {
+    pub(crate) fn of_this_process() -> Identity {
+        use std::hash::{BuildHasher, Hasher};
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        Identity {
+            host,
+            pid: std::process::id(),
+            instance: format!("{:016x}", h.finish()),
+        }
+    }
 }
 
 impl Heartbeats {
     /// Publishes a heartbeat every `interval` until the connection fails.
     pub async fn ticker(&self, conn: &Connection, interval: Duration) -> Result<(), BrokerError> {
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|e| BrokerError::amqp("while opening the heartbeat channel", e))?;
+        let open = || async {
+            conn.create_channel()
+                .await
+                .map_err(|e| BrokerError::amqp("while opening the heartbeat channel", e))
+        };
+        let mut channel = open().await?;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // An endpoint provisioned before standby beats had their own key: with an endpoint user, the broker
+        // refuses that key and closes the channel. Then standby beats stop (said once) instead of the session.
+        let (mut sent_standby, mut standby_refused) = (false, false);
         loop {
             tick.tick().await;
+            if !channel.status().connected() {
+                if !(sent_standby && conn.status().connected()) || standby_refused {
+                    return Err(BrokerError::Lost("the heartbeat channel closed".into()));
+                }
+                standby_refused = true;
+                tracing::warn!(
+                    key = %self.config.endpoint_id.standby_heartbeat_queue(),
+                    "the broker refuses standby heartbeats on this key (the endpoint was provisioned by an older service-setup): this agent sends none while it stands by; run `service-setup provision` for the endpoint again"
+                );
+                channel = open().await?;
+            }
+            sent_standby = !self.consuming.load(Ordering::Relaxed);
+            if sent_standby && standby_refused {
+                continue;
+            }
             let state = self.state.borrow().with_conditions(
                 self.store.disk_full().borrow().is_some(),
                 self.blocked.borrow().is_some(),
@@ -71,6 +131,11 @@ impl Heartbeats {
         interval: Duration,
     ) -> Result<lapin::PublisherConfirm, BrokerError> {
         let counts = *self.store.counts().borrow();
+        let role = if self.consuming.load(Ordering::Relaxed) {
+            wire::Role::Active
+        } else {
+            wire::Role::Standby
+        };
         let beat = Heartbeat {
             protocol_version: wire::PROTOCOL_VERSION,
             endpoint_id: self.config.endpoint_id.clone(),
@@ -83,9 +148,17 @@ impl Heartbeats {
             heartbeat_secs: u16::try_from(interval.as_secs()).unwrap_or(u16::MAX),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             workers: self.workers.borrow().clone(),
+            host: self.identity.host.clone(),
+            pid: self.identity.pid,
+            instance: self.identity.instance.clone(),
+            role,
         };
         let body = serde_json::to_vec(&beat).expect("a heartbeat always serializes");
-        let key = self.config.endpoint_id.heartbeat_routing_key();
+        let ep = &self.config.endpoint_id;
+        let key = match role {
+            wire::Role::Active => ep.heartbeat_routing_key(),
+            wire::Role::Standby => ep.standby_heartbeat_queue(),
+        };
         channel
             .basic_publish(
                 wire::HEARTBEATS_EXCHANGE.into(),

@@ -4,7 +4,7 @@
 //! `unblocked` into the condition the publisher waits on. Executors never wait on it: a lost link only pauses
 //! intake and publishing.
 
-use super::heartbeat::Heartbeats;
+use super::heartbeat::{Heartbeats, Identity};
 use super::publisher::Publisher;
 use super::subscriber::Subscriber;
 use crate::config::Config;
@@ -19,7 +19,7 @@ use endpoint_wire::{AgentState, BrokerError, BrokerUrl, Registration, WorkerCoun
 use futures_lite::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,8 @@ pub(crate) struct Link {
     store: Store,
     state: watch::Sender<AgentState>,
     workers: watch::Receiver<BTreeMap<String, WorkerCounts>>,
+    /// Whether this agent holds the tasks consumer (the subscriber sets it; quiet clears it).
+    consuming: Arc<AtomicBool>,
     /// Sessions opened so far; every one after the first is a reconnect.
     sessions: AtomicU64,
 }
@@ -57,12 +59,14 @@ impl Link {
         store: Store,
         state: watch::Sender<AgentState>,
         workers: watch::Receiver<BTreeMap<String, WorkerCounts>>,
+        consuming: Arc<AtomicBool>,
     ) -> Link {
         Link {
             config,
             store,
             state,
             workers,
+            consuming,
             sessions: AtomicU64::new(0),
         }
     }
@@ -93,11 +97,14 @@ impl Link {
                 seq: AtomicU64::new(0),
                 blocked: blocked.subscribe(),
                 workers: self.workers.clone(),
+                consuming: self.consuming.clone(),
+                identity: Identity::of_this_process(),
             },
             subscriber: Subscriber {
                 config: config.clone(),
                 store: self.store.clone(),
                 state: self.state.clone(),
+                consuming: self.consuming.clone(),
             },
             blocked,
         };
@@ -161,6 +168,7 @@ impl Link {
     }
 
     async fn set_blocked(&self, blocked: &watch::Sender<Option<String>>, why: Option<String>) {
+        crate::http::metrics::publishing_blocked(why.is_some());
         self.store
             .record(MetaKey::PublishingBlocked, why.clone().unwrap_or_default())
             .await;
@@ -206,6 +214,7 @@ impl Link {
         self.note(format!("connected since {}", now_rfc3339()))
             .await;
         let sessions = self.sessions.fetch_add(1, Ordering::Relaxed);
+        crate::http::metrics::session_opened(sessions);
         self.store
             .record(MetaKey::Reconnects, sessions.to_string())
             .await;
@@ -259,6 +268,7 @@ impl Link {
                 Err(e) => SessionEnd::Failed(e),
             },
         };
+        crate::http::metrics::session_ended();
         if matches!(end, SessionEnd::Drained) {
             if let Err(e) = heartbeats.final_heartbeat(&pub_conn, interval).await {
                 tracing::warn!(error = %e, "cannot publish the final heartbeat");

@@ -28,6 +28,8 @@ struct InFlight {
     /// The service it was addressed to (`None`: sent to the shared queue).
     service: Option<ServiceName>,
     confirm: PublisherConfirm,
+    /// When it was published (for the result-to-confirm metric).
+    sent_at: std::time::Instant,
 }
 
 pub(crate) struct Publisher {
@@ -133,6 +135,7 @@ impl Publisher {
                         task_id: r.task_id,
                         service,
                         confirm,
+                        sent_at: std::time::Instant::now(),
                     });
                 }
             }
@@ -239,6 +242,9 @@ impl Publisher {
         unaddressed: &mut HashSet<i64>,
     ) -> Result<usize, BrokerError> {
         let task_id = &sent.task_id;
+        if confirm.is_ok() {
+            crate::http::metrics::result_confirmed(sent.sent_at);
+        }
         match confirm.map_err(|e| BrokerError::amqp("while publishing results", e))? {
             Confirmation::Ack(None) => {
                 acked.push(sent.id);

@@ -19,6 +19,7 @@ use crate::store::Store;
 use crate::task::Intake;
 use endpoint_wire::{AgentState, now_rfc3339};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +27,8 @@ pub(crate) struct Subscriber {
     pub config: Arc<Config>,
     pub store: Store,
     pub state: watch::Sender<AgentState>,
+    /// Set while this agent holds the tasks consumer (heartbeats say `active`), cleared while it stands by.
+    pub consuming: Arc<AtomicBool>,
 }
 
 /// What ended a subscriber's work on its connection.
@@ -56,6 +59,7 @@ impl Subscriber {
                     } else {
                         tracing::info!(queue = %queue, prefetch = self.config.prefetch, "consuming tasks");
                     }
+                    self.consuming.store(true, Ordering::Relaxed);
                     self.state.send_replace(AgentState::Running);
                     return self.consume(conn, stop).await;
                 }
@@ -76,6 +80,7 @@ impl Subscriber {
                             )
                             .await;
                     }
+                    self.consuming.store(false, Ordering::Relaxed);
                     self.state.send_replace(AgentState::Standby);
                     tokio::select! {
                         _ = stop.cancelled() => {}
@@ -97,6 +102,7 @@ impl Subscriber {
                 _ = stop.cancelled() => return Ok(()),
                 d = conn.next_delivery(max_body) => d?,
             };
+            let arrived = std::time::Instant::now();
             let mut bytes = first.body.len();
             let mut batch = vec![first];
             // Group commit: take everything that has already arrived, up to the prefetch and a bounded size.
@@ -117,6 +123,7 @@ impl Subscriber {
                 .last()
                 .map(|d| d.delivery_tag)
                 .expect("batch holds at least the first delivery");
+            let received = batch.len();
             let intake: Vec<Intake> = batch
                 .into_iter()
                 .filter_map(|d| {
@@ -128,6 +135,7 @@ impl Subscriber {
                 return Ok(());
             }
             conn.ack_up_to(last_tag).await?;
+            crate::http::metrics::deliveries_acked(arrived, received);
         }
     }
 
@@ -148,6 +156,7 @@ impl Subscriber {
         .await;
         match committed {
             Some(out) => {
+                crate::http::metrics::intake_committed(&self.config, &intake);
                 if out.duplicates > 0 {
                     tracing::info!(
                         duplicates = out.duplicates,

@@ -16,8 +16,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use reader::{Reader, read_status};
+pub use reader::{Reader, RecentFailure, read_status};
 pub use schema::Recovery;
+pub use sql::QueuedTask;
 
 use crate::claim::Want;
 use crate::meta::MetaKey;
@@ -252,6 +253,14 @@ impl Store {
             return Ok(());
         }
         self.call(|r| Op::MarkPublished(ids, r)).await
+    }
+
+    /// Marks queued tasks handed back (republished to the broker and confirmed): never run here.
+    pub async fn mark_handed_back(&self, task_ids: Vec<String>) -> Result<(), StoreError> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        self.call(|r| Op::MarkHandedBack(task_ids, r)).await
     }
 
     /// Deletes results published before `before_ms` and their tasks; returns how many.

@@ -3,6 +3,7 @@
 //! committed rows. Blocking: call them from a blocking thread.
 
 use super::schema::read_counts;
+use super::sql::QueuedTask;
 use super::{DB_FILE, StoreError, sql};
 use crate::limits::SQLITE_BUSY_TIMEOUT;
 use crate::task::{Counts, TaskResult};
@@ -36,6 +37,70 @@ impl Reader {
     ) -> Result<Vec<(i64, TaskResult, Option<ServiceName>)>, StoreError> {
         sql::pending(&self.conn, after, limit)
     }
+
+    /// Up to `limit` queued tasks with a row id above `after`, oldest first, as they arrived (for a hand-back).
+    pub fn queued_tasks(&self, after: i64, limit: usize) -> Result<Vec<QueuedTask>, StoreError> {
+        sql::queued(&self.conn, after, limit)
+    }
+
+    /// The latest `limit` results that did not succeed (`failed`, `timeout`, `rejected`), newest first, among
+    /// the latest `scan` results (results have no index by status: the scan is bounded instead), each with
+    /// the start of its body. For the status page.
+    pub fn recent_failures(
+        &self,
+        limit: usize,
+        scan: usize,
+    ) -> Result<Vec<RecentFailure>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT r.task_id, COALESCE(t.function, ''), r.status, r.finished_at_ms, substr(r.body, 1, ?3)
+             FROM results r LEFT JOIN tasks t ON t.task_id = r.task_id
+             WHERE r.seq > (SELECT COALESCE(MAX(seq), 0) FROM results) - ?2
+               AND r.status IN ('failed', 'timeout', 'rejected')
+             ORDER BY r.seq DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(
+            rusqlite::params![
+                limit.min(i64::MAX as usize) as i64,
+                scan.min(i64::MAX as usize) as i64,
+                FAILURE_TEXT_BYTES
+            ],
+            |r| {
+                Ok(RecentFailure {
+                    task_id: r.get(0)?,
+                    function: r.get(1)?,
+                    status: r.get(2)?,
+                    finished_at_ms: r.get::<_, i64>(3)?.max(0) as u64,
+                    text: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(4)?).into_owned(),
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The facts the agent recorded for status (`meta` rows: key, value).
+    pub fn meta(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, value FROM meta ORDER BY key")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// How much of a failed result's body [`Reader::recent_failures`] returns.
+const FAILURE_TEXT_BYTES: i64 = 200;
+
+/// A result that did not succeed, as [`Reader::recent_failures`] reads it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecentFailure {
+    pub task_id: String,
+    /// Empty if its task row is gone.
+    pub function: String,
+    /// `failed`, `timeout` or `rejected`.
+    pub status: String,
+    pub finished_at_ms: u64,
+    /// The start of the result's body (the error), lossily decoded.
+    pub text: String,
 }
 
 /// Counts read by a separate, read-only connection (for `endpoint-agent status` while an agent may run).

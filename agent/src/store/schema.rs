@@ -3,7 +3,7 @@
 //! opens, before the writer thread exists.
 
 use super::StoreError;
-use super::sql::{self, QUEUED, RUNNING};
+use super::sql::{self, HANDED_BACK, QUEUED, RUNNING};
 use crate::limits::SQLITE_BUSY_TIMEOUT;
 use crate::task::{Counts, TaskResult};
 use endpoint_wire::Status;
@@ -84,16 +84,21 @@ pub(super) fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     )?;
     // Protocol 3: the service a result goes to. Databases of earlier agents get the column (NULL: the shared
     // queue, which is where their results went).
-    for table in ["tasks", "results"] {
+    // Hand-back: a task's headers as they arrived. Earlier databases get the column (NULL: none kept).
+    for (table, column, kind) in [
+        ("tasks", "reply_to", "TEXT"),
+        ("results", "reply_to", "TEXT"),
+        ("tasks", "headers", "BLOB"),
+    ] {
         let has: bool = conn.query_row(
             &format!(
-                "SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = 'reply_to'"
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('{table}') WHERE name = '{column}'"
             ),
             [],
             |r| r.get(0),
         )?;
         if !has {
-            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN reply_to TEXT"))?;
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
         }
     }
     Ok(conn)
@@ -147,6 +152,7 @@ pub(super) fn read_counts(conn: &Connection) -> rusqlite::Result<Counts> {
         match row? {
             (QUEUED, n) => counts.queued = n,
             (RUNNING, n) => counts.running = n,
+            (HANDED_BACK, n) => counts.handed_back = n,
             (_, n) => counts.done += n,
         }
     }

@@ -14,6 +14,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub(super) const QUEUED: i64 = 0;
 pub(super) const RUNNING: i64 = 1;
 pub(super) const DONE: i64 = 2;
+/// Republished to the broker by a hand-back (its payload dropped); never run here. Kept for the counts and
+/// removed at the retention; the same id arriving again is queued afresh.
+pub(super) const HANDED_BACK: i64 = 3;
 
 /// How one command moved the counts; signed, applied to [`Counts`] once the command's savepoint is released.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,6 +25,7 @@ pub(super) struct Delta {
     pub running: i64,
     pub done: i64,
     pub results_pending: i64,
+    pub handed_back: i64,
 }
 
 impl Delta {
@@ -39,6 +43,7 @@ impl Delta {
         counts.results_pending = counts
             .results_pending
             .saturating_add_signed(self.results_pending);
+        counts.handed_back = counts.handed_back.saturating_add_signed(self.handed_back);
     }
 }
 
@@ -47,25 +52,38 @@ fn count(n: usize) -> i64 {
 }
 
 /// Queues new tasks and records those that come with their result (rejected, or run on arrival), leaving ids
-/// already on disk alone (counted as duplicates).
+/// already on disk alone (counted as duplicates). With `revive` (some tasks were handed back), a task id that
+/// was handed back is taken afresh: its hand-back row makes way for the new arrival.
 pub(super) fn ingest(
     tx: &rusqlite::Transaction,
     items: Vec<Intake>,
     d: &mut Delta,
+    revive: bool,
 ) -> Result<IngestOutcome, StoreError> {
     let now = now_ms() as i64;
     let mut out = IngestOutcome::default();
     let mut insert = tx.prepare_cached(
-        "INSERT INTO tasks (task_id, function, payload, timeout_ms, state, received_at_ms, reply_to)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(task_id) DO NOTHING",
+        "INSERT INTO tasks (task_id, function, payload, timeout_ms, state, received_at_ms, reply_to, headers)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(task_id) DO NOTHING",
     )?;
     for item in items {
+        if revive {
+            let id = match &item {
+                Intake::Task(t) => &t.task_id,
+                Intake::Rejected { task_id, .. } => task_id,
+                Intake::Ran { result, .. } => &result.task_id,
+            };
+            let gone = tx
+                .prepare_cached("DELETE FROM tasks WHERE task_id = ?1 AND state = ?2")?
+                .execute(params![id, HANDED_BACK])?;
+            d.handed_back -= count(gone);
+        }
         match item {
             Intake::Task(t) => {
                 let timeout = t.timeout_ms.map(|v| v.min(i64::MAX as u64) as i64);
                 let reply_to = t.reply_to.as_ref().map(ServiceName::as_str);
                 if insert.execute(params![
-                    t.task_id, t.function, t.payload, timeout, QUEUED, now, reply_to
+                    t.task_id, t.function, t.payload, timeout, QUEUED, now, reply_to, t.headers
                 ])? == 0
                 {
                     out.duplicates += 1;
@@ -129,7 +147,8 @@ fn insert_done(
         None::<i64>,
         RUNNING,
         now,
-        reply_to.as_ref().map(ServiceName::as_str)
+        reply_to.as_ref().map(ServiceName::as_str),
+        None::<Vec<u8>>
     ])? == 0
     {
         return Ok(false);
@@ -250,7 +269,81 @@ pub(super) fn prune(
     )?;
     d.done -= count(tasks);
     let n = tx.execute("DELETE FROM results WHERE published_at_ms < ?1", [before])?;
+    let handed = tx.execute(
+        "DELETE FROM tasks WHERE state = ?1 AND done_at_ms < ?2",
+        params![HANDED_BACK, before],
+    )?;
+    d.handed_back -= count(handed);
     Ok(n as u64)
+}
+
+/// Marks queued tasks handed back (after the broker confirmed their republication): never run here, payload
+/// dropped. Tasks no longer queued are left alone.
+pub(super) fn mark_handed_back(
+    tx: &rusqlite::Transaction,
+    task_ids: Vec<String>,
+    d: &mut Delta,
+) -> Result<(), StoreError> {
+    let now = now_ms() as i64;
+    let mut stmt = tx.prepare_cached(
+        "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2 WHERE task_id = ?3 AND state = ?4",
+    )?;
+    for id in task_ids {
+        // Queued, or left running by a stop that killed it after the grace period (no slot runs during a
+        // hand-back).
+        let n = stmt.execute(params![HANDED_BACK, now, id, QUEUED])?;
+        d.queued -= count(n);
+        let m = if n == 0 {
+            stmt.execute(params![HANDED_BACK, now, id, RUNNING])?
+        } else {
+            0
+        };
+        d.running -= count(m);
+        d.handed_back += count(n + m);
+    }
+    Ok(())
+}
+
+/// A queued task as it came, for a hand-back.
+#[derive(Clone, Debug)]
+pub struct QueuedTask {
+    pub seq: i64,
+    pub task_id: String,
+    pub function: String,
+    pub payload: Vec<u8>,
+    pub reply_to: Option<String>,
+    /// The encoded header entries as they arrived (absent for tasks stored before headers were kept, and for
+    /// those with none); `timeout_ms` stands in for the timeout header then.
+    pub headers: Option<Vec<u8>>,
+    pub timeout_ms: Option<i64>,
+}
+
+/// Up to `limit` tasks without a result past row `after`, oldest first: queued ones, and running ones (left
+/// so by a stop that killed them; read only while no slot runs).
+pub(super) fn queued(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<QueuedTask>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, task_id, function, payload, reply_to, headers, timeout_ms FROM tasks
+         WHERE state IN (?1, ?4) AND seq > ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(
+        params![QUEUED, after, limit.min(i64::MAX as usize) as i64, RUNNING],
+        |r| {
+            Ok(QueuedTask {
+                seq: r.get(0)?,
+                task_id: r.get(1)?,
+                function: r.get(2)?,
+                payload: r.get(3)?,
+                reply_to: r.get(4)?,
+                headers: r.get(5)?,
+                timeout_ms: r.get(6)?,
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Records a fact for `endpoint-agent status`.

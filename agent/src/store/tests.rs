@@ -10,6 +10,7 @@ use std::time::Duration;
 
 fn task(id: &str) -> Intake {
     Intake::Task(NewTask {
+        headers: None,
         task_id: id.into(),
         function: "echo".into(),
         payload: id.as_bytes().to_vec(),
@@ -63,6 +64,7 @@ async fn task_life_cycle_and_dedup() {
     assert_eq!(
         counts(&store),
         Counts {
+            handed_back: 0,
             queued: 2,
             running: 0,
             done: 1,
@@ -81,6 +83,7 @@ async fn task_life_cycle_and_dedup() {
     assert_eq!(
         counts(&store),
         Counts {
+            handed_back: 0,
             queued: 0,
             running: 0,
             done: 3,
@@ -141,6 +144,7 @@ async fn a_task_run_on_arrival_is_stored_done_with_its_result() {
     assert_eq!(
         counts(&store),
         Counts {
+            handed_back: 0,
             queued: 1,
             running: 0,
             done: 1,
@@ -244,6 +248,7 @@ async fn claims_and_stores_several_per_commit() {
     assert_eq!(
         counts(&store),
         Counts {
+            handed_back: 0,
             queued: 0,
             running: 2,
             done: 3,
@@ -267,6 +272,7 @@ async fn a_claim_of_several_holds_only_batchable_functions() {
     let (store, _) = Store::open(&dir, 3).unwrap();
     let of = |id: &str, function: &str| {
         Intake::Task(NewTask {
+            headers: None,
             task_id: id.into(),
             function: function.into(),
             payload: Vec::new(),
@@ -311,6 +317,7 @@ async fn a_claim_holds_a_bounded_number_of_payload_bytes() {
     let (store, _) = Store::open(&dir, 3).unwrap();
     let big = |id: &str| {
         Intake::Task(NewTask {
+            headers: None,
             task_id: id.into(),
             function: "echo".into(),
             payload: vec![0; MAX_CLAIM_BYTES * 3 / 5],
@@ -517,6 +524,7 @@ async fn results_remember_the_service_their_task_named() {
     let (store, _) = Store::open(&dir, 3).unwrap();
     let svc = || Some(endpoint_wire::ServiceName::new("svc-1").unwrap());
     let mut queued = NewTask {
+        headers: None,
         task_id: "queued".into(),
         function: "echo".into(),
         payload: Vec::new(),

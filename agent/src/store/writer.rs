@@ -35,6 +35,8 @@ pub(super) enum Op {
     /// Puts tasks whose run was lost (a pool worker died under them) back in the queue, the attempt counted.
     Retry(Vec<String>, Reply<()>),
     MarkPublished(Vec<i64>, Reply<()>),
+    /// Marks queued tasks handed back to the broker.
+    MarkHandedBack(Vec<String>, Reply<()>),
     Prune(u64, Reply<u64>),
     SetMeta(MetaKey, String, Reply<()>),
 }
@@ -141,7 +143,7 @@ fn run_batch(
         for op in batch {
             tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
             let mut delta = Delta::default();
-            let (reply, ok) = execute(&tx, op, &mut delta);
+            let (reply, ok) = execute(&tx, op, &mut delta, counts.handed_back > 0);
             if ok {
                 tx.prepare_cached("RELEASE cmd")?.execute([])?;
                 delta.apply(&mut counts);
@@ -202,13 +204,14 @@ fn run_batch(
 }
 
 /// Runs one command; returns its deferred reply and whether it succeeded (else its savepoint is rolled back).
-fn execute(tx: &rusqlite::Transaction, op: Op, d: &mut Delta) -> (Deferred, bool) {
+fn execute(tx: &rusqlite::Transaction, op: Op, d: &mut Delta, revive: bool) -> (Deferred, bool) {
     fn done<T: Send + 'static>(reply: Reply<T>, r: Result<T, StoreError>) -> (Deferred, bool) {
         let ok = r.is_ok();
         (defer(reply, r), ok)
     }
     match op {
-        Op::Ingest(items, reply) => done(reply, sql::ingest(tx, items, d)),
+        Op::Ingest(items, reply) => done(reply, sql::ingest(tx, items, d, revive)),
+        Op::MarkHandedBack(ids, reply) => done(reply, sql::mark_handed_back(tx, ids, d)),
         Op::FinishAndClaim(results, want, reply) => {
             let r = sql::finish_all(tx, &results, d).and_then(|()| sql::claim(tx, &want, d));
             let ok = r.is_ok();

@@ -91,6 +91,7 @@ impl Pools {
     ) -> std::io::Result<Option<Arc<Pools>>> {
         let specs: BTreeMap<String, PoolSpec> = config
             .functions
+            .current()
             .iter()
             .filter_map(|(name, f)| match f {
                 Function::Pool(spec) => Some((name.clone(), (**spec).clone())),
