@@ -1,7 +1,8 @@
 //! One broker identity per endpoint: `service-setup provision --credentials` makes a user per endpoint through
 //! the management API and writes its agent's URL (0600); agents log in with `--broker-url-file`. With A's
 //! URL, everything beyond A's own work is refused by the broker, A keeps serving, and a result A forges for B
-//! is never shown as B's.
+//! is never shown as B's. A's user may hand A's own tasks back (the `handback` exchange, its key only), and a
+//! standby whose user predates standby heartbeats stays connected.
 
 use lapin::BasicProperties;
 use lapin::options::{
@@ -170,6 +171,22 @@ async fn each_endpoint_is_confined_to_its_own_work() {
     assert_eq!(
         publish(
             &conn,
+            "handback",
+            &b.tasks_queue(),
+            BasicProperties::default()
+        )
+        .await,
+        refused,
+        "hand tasks back into B's queue"
+    );
+    assert_eq!(
+        publish(&conn, "tasks", &b.tasks_queue(), BasicProperties::default()).await,
+        refused,
+        "publish tasks for B"
+    );
+    assert_eq!(
+        publish(
+            &conn,
             "heartbeats",
             &b.heartbeat_routing_key(),
             BasicProperties::default()
@@ -304,4 +321,96 @@ async fn each_endpoint_is_confined_to_its_own_work() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_without_the_standby_heartbeat_permission_stays_connected() {
+    let ep = unique_endpoint("idold");
+    let dir = TempDir::new("idold");
+    let mut service = Service::provision(&ep, 1).await;
+    let file = dir.0.join("ep.url");
+    provision_with_credentials(&ep, &file);
+    // As an endpoint user made before standby beats had their own key.
+    let user = format!("endpoint-{ep}");
+    let old_key = format!("^{ep}\\.heartbeat$").replace('-', "\\-");
+    test_support::broker::rabbitmqctl(&[
+        "set_topic_permissions",
+        "-p",
+        &vhost_name(),
+        &user,
+        "heartbeats",
+        &old_key,
+        "^$",
+    ])
+    .expect("set the old topic permissions");
+    let active = Agent::start(&agent_with_url_file(&ep, &dir.0.join("a"), &file));
+    wait_status(&dir.0.join("a"), WAIT, |s| {
+        s["link"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("connected"))
+    })
+    .await;
+    let standby = Agent::start(&agent_with_url_file(&ep, &dir.0.join("b"), &file));
+    // Several heartbeat intervals (2 s) as a standby: the refused key is said once, the session stays up.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !standby
+        .log_text()
+        .contains("the broker refuses standby heartbeats")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            standby.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = local_status(&dir.0.join("b"));
+    assert_eq!(s["reconnects"], 0, "{s}\n{}", standby.log_text());
+    // The active agent serves as before.
+    let ids = service.submit(vec![task("echo", b"still here")]).await;
+    service.await_results(&ids, WAIT, &[&active]).await;
+    service.assert_all_ok(&ids);
+    drop(standby);
+    drop(active);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_user_hands_its_own_tasks_back() {
+    let ep = unique_endpoint("idhb");
+    let dir = TempDir::new("idhb");
+    let mut service = Service::provision(&ep, 1).await;
+    let file = dir.0.join("ep.url");
+    provision_with_credentials(&ep, &file);
+    let data = dir.0.join("data");
+    let mut opts = agent_with_url_file(&ep, &data, &file);
+    opts.workers = 1;
+    let agent = Agent::start(&opts);
+    let mut ids = service.submit(vec![task("sleep", b"5000")]).await;
+    wait_running(&data, 1).await;
+    ids.extend(
+        service
+            .submit((0..5).map(|_| task("sleep", b"1")).collect())
+            .await,
+    );
+    wait_status(&data, WAIT, |s| s["tasks_queued"] == 5).await;
+    agent.kill9();
+    // With the endpoint's own URL file, as an operator on that host would run it.
+    let out = Command::new(agent_binary())
+        .args(["handback", "--endpoint-id", ep.as_str(), "--data-dir"])
+        .arg(&data)
+        .arg("--broker-url-file")
+        .arg(&file)
+        .env_remove("AMQP_URL")
+        .output()
+        .expect("run endpoint-agent handback");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("handed back 6 task(s)"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = Agent::start(&agent_with_url_file(&ep, &dir.0.join("other"), &file));
+    service.await_results(&ids, WAIT, &[&agent]).await;
+    service.assert_all_ok(&ids);
 }

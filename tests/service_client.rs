@@ -321,13 +321,6 @@ async fn depth(conn: &lapin::Connection) -> u32 {
         .message_count()
 }
 
-/// The name of this run's vhost, from its URL.
-fn vhost_name() -> String {
-    let u = url();
-    let raw = u.rsplit('/').next().unwrap_or_default().to_owned();
-    raw.replace("%2f", "/").replace("%2F", "/")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_for_one_endpoint_neither_hold_nor_take_other_endpoints_results() {
     // A vhost of its own: 100,000 results in its shared queue must not get in other scenarios' way.

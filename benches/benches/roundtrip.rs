@@ -50,6 +50,7 @@ use test_support::build::{Profile, agent_binary};
   cargo bench -p benches -- --full            the documented matrix (about 15 minutes)
   cargo bench -p benches -- --only-payloads 100 --only-endpoints 1 --reps 5
   cargo bench -p benches -- --skip-matrix     only the backlog drain and the replay
+  cargo bench -p benches -- --http            the same with every agent serving --http (compare with a run without)
 
 Output: progress on stderr, a table on stdout, target/bench/roundtrip.json and target/bench/roundtrip.svg
 (or under --out). If a run fails because the broker restarted, run it again."
@@ -99,6 +100,11 @@ struct Args {
     /// Concurrent callers in the full-blast `call` row (each calls again as soon as its call returns).
     #[arg(long, default_value_t = 64)]
     callers: usize,
+    /// Start every agent with its HTTP endpoint on (`http_addr = 127.0.0.1:<free port>` in its config, the
+    /// same as `--http`): metrics are then recorded on every task path. Nothing scrapes it during a run; compare
+    /// the figures with a run without it (docs/benchmarks.md).
+    #[arg(long)]
+    http: bool,
     /// Use this endpoint-agent binary instead of building it with `cargo build --release -p endpoint-agent`.
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
@@ -324,6 +330,8 @@ impl Progress {
 
 struct Bench {
     callers: usize,
+    /// Whether agents serve HTTP (`--http`).
+    http: bool,
     vhost: Vhost,
     url: BrokerUrl,
     service: Service,
@@ -365,6 +373,12 @@ impl Bench {
         eps.iter()
             .map(|ep| {
                 let dir = self.data.join(format!("run{run}-{ep}"));
+                // First in the file: a key after the function tables would belong to the last of them.
+                let config = if self.http {
+                    format!("http_addr = \"127.0.0.1:{}\"\n{config}", free_port()?)
+                } else {
+                    config.clone()
+                };
                 AgentProc::start(&self.agent_bin, ep, &dir, url, &config)
             })
             .collect()
@@ -603,6 +617,7 @@ impl Bench {
                             payload: vec![b'x'; 100],
                             timeout_ms: None,
                             reply_to: None,
+                            headers: None,
                         })
                     })
                     .collect();
@@ -784,6 +799,7 @@ async fn run(args: Args) -> Result<()> {
     let data = out.join(format!("data-{}", std::process::id()));
     let mut bench = Bench {
         callers: plan.callers,
+        http: args.http,
         vhost,
         url,
         service,
@@ -951,6 +967,9 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
     }
 
     let table = report::table(&rows);
+    if args.http {
+        println!("\nevery agent served HTTP (--http): metrics recorded, not scraped");
+    }
     println!("\n{table}");
     if !backlog.is_null() {
         println!(
@@ -981,6 +1000,7 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
     let doc = json!({
         "bench": "roundtrip",
         "size": if args.full { "full" } else { "quick" },
+        "agent_http": args.http,
         "plan": {"reps": plan.reps, "blast_tasks": plan.tasks, "paced_seconds": plan.seconds, "run_bytes_cap": RUN_BYTES_CAP,
                  "payloads": plan.payloads, "rates": plan.rates, "endpoints": plan.endpoints, "backlog": plan.backlog,
                  "prefetch": AGENT_DEFAULT_PREFETCH},

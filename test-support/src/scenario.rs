@@ -24,6 +24,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// This run's broker vhost (`ea-test-<pid>`), created at first use.
+/// The name of this run's vhost (for `rabbitmqctl -p`).
+pub fn vhost_name() -> String {
+    vhost().name.clone()
+}
+
 fn vhost() -> &'static Vhost {
     static VHOST: OnceLock<Vhost> = OnceLock::new();
     VHOST.get_or_init(|| {
