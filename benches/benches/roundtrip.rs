@@ -50,7 +50,7 @@ use test_support::build::{Profile, agent_binary};
   cargo bench -p benches -- --full            the documented matrix (about 15 minutes)
   cargo bench -p benches -- --only-payloads 100 --only-endpoints 1 --reps 5
   cargo bench -p benches -- --skip-matrix     only the backlog drain and the replay
-  cargo bench -p benches -- --http            the same with every agent serving --http (compare with a run without)
+  cargo bench -p benches -- --http            quick run, every agent serving HTTP (compare with a run without)
 
 Output: progress on stderr, a table on stdout, target/bench/roundtrip.json and target/bench/roundtrip.svg
 (or under --out). If a run fails because the broker restarted, run it again."
