@@ -47,7 +47,10 @@ pub fn binary(package: &str, bin: &str, profile: Profile) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(&cargo);
-    cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
+    // Not the calling test's CARGO_MANIFEST_DIR: build scripts (ring's) track it, so inheriting it would
+    // rebuild the agent's dependencies at every test run and again at the next plain build.
+    cmd.env_remove("CARGO_MANIFEST_DIR")
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
         .arg("--manifest-path")
         .arg(workspace.join("Cargo.toml"));
     if profile == Profile::Release {

@@ -62,7 +62,9 @@ pub(crate) async fn execute(
     stop: &CancellationToken,
     kill: &CancellationToken,
 ) -> Outcome {
-    let Some(function) = config.function(&task.function) else {
+    // The table as it is now: a reload after this leaves this run's definition alone.
+    let table = config.functions.current();
+    let Some(function) = table.get(&task.function) else {
         // Checked on intake; reachable only if the config changed between runs of the agent.
         return finished(
             Status::Rejected,
@@ -83,14 +85,14 @@ pub(crate) async fn execute(
         }
         Function::Command(spec) => {
             let timeout = task_timeout.map_or(spec.timeout, |t| t.min(spec.timeout));
-            process::run_command(&spec, &places.sandbox, task, timeout, kill).await
+            process::run_command(spec, &places.sandbox, task, timeout, kill).await
         }
         Function::Pool(spec) => {
             let timeout =
                 task_timeout.map_or(spec.command.timeout, |t| t.min(spec.command.timeout));
             match &places.pools {
                 // Boxed: the exchange with a worker is a large future, the slot's loop stays small.
-                Some(pools) => Box::pin(pools.run(&spec, task, timeout, stop, kill)).await,
+                Some(pools) => Box::pin(pools.run(spec, task, timeout, stop, kill)).await,
                 None => finished(Status::Failed, None, "pool workers are not running"),
             }
         }
@@ -106,7 +108,7 @@ pub(crate) async fn execute(
 /// does not survive the run the broker keeps the task and marks its next delivery redelivered, and that one goes
 /// through the disk queue, its attempts counted. The result says `attempts` 1.
 pub fn run_on_arrival(config: &Config, task: NewTask) -> Intake {
-    match config.function(&task.function) {
+    match config.functions.current().get(&task.function) {
         Some(Function::Echo) => Intake::Ran {
             reply_to: task.reply_to,
             function: task.function,
