@@ -431,7 +431,7 @@ impl Client {
     pub async fn close(&self) {
         self.inner.closed.send_replace(true);
         if let Some(session) = self.inner.session.send_replace(None)
-            && let Err(e) = session.conn.close(200, "client closed".into()).await
+            && let Err(e) = endpoint_wire::amqp::close(&session.conn, "client closed").await
         {
             tracing::debug!(error = %e, "closing the connection failed");
         }

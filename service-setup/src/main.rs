@@ -403,7 +403,7 @@ async fn run(command: Command, url: BrokerUrl) -> anyhow::Result<()> {
     // The connect error already says what to check (credentials, or whether the broker runs).
     let conn = service_setup::connect(&url).await?;
     let outcome = dispatch(command, &conn, &url).await;
-    if let Err(e) = conn.close(200, "OK".into()).await {
+    if let Err(e) = endpoint_wire::amqp::close(&conn, "OK").await {
         tracing::debug!(error = %e, "closing the connection failed");
     }
     outcome

@@ -1,4 +1,4 @@
-//! The AMQP helpers both sides share: opening a named connection with a timeout, checking a queue without
+//! The AMQP helpers both sides share: opening a named connection with a timeout, closing one with a timeout, checking a queue without
 //! declaring it ([`queue_info`]) and reading a queue without consuming it ([`peek_all`]). They change nothing
 //! on the broker.
 
@@ -12,6 +12,19 @@ use std::time::Duration;
 
 /// How long opening a connection may take: a blackholed path would otherwise hang the reconnect loop.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long closing a connection may wait for the broker's close-ok: lapin's close future has been seen never
+/// to resolve after the connection was gone from the broker, which hung its caller.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `conn` (code 200, `reason`), waiting at most [`CLOSE_TIMEOUT`]. The connection is being given up
+/// either way, so a failure is only returned for the caller to log.
+pub async fn close(conn: &Connection, reason: &str) -> Result<(), String> {
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no close-ok within {CLOSE_TIMEOUT:?}")),
+    }
+}
 
 /// Opens a connection named `name` (shown in the management UI and `rabbitmqctl list_connections`). An
 /// `amqps://` URL connects with TLS, verifying the server's certificate and host name against the system's CAs

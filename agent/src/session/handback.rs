@@ -68,7 +68,7 @@ pub(crate) async fn hand_back(
     let reg = match reg {
         Ok(reg) => reg,
         Err(e) => {
-            let _ = conn.close(200, "handback".into()).await;
+            let _ = endpoint_wire::amqp::close(&conn, "handback").await;
             return Err(e.into());
         }
     };
@@ -85,7 +85,7 @@ pub(crate) async fn hand_back(
     let drained = CancellationToken::new();
     drained.cancel();
     let published = publisher.run(&conn, user_id.as_deref(), &drained).await;
-    let _ = conn.close(200, "handback".into()).await;
+    let _ = endpoint_wire::amqp::close(&conn, "handback").await;
     published?;
     let results_published = pending_before.saturating_sub(store.counts().borrow().results_pending);
 

@@ -124,7 +124,7 @@ impl Link {
             let registered = async {
                 let conn = connect(&url, &format!("endpoint-agent {ep} registration")).await?;
                 let reg = fetch_registration(&conn, ep).await;
-                let _ = conn.close(200, "registered".into()).await;
+                let _ = endpoint_wire::amqp::close(&conn, "registered").await;
                 reg
             };
             let reg = match registered.await {
