@@ -216,11 +216,11 @@ impl Service {
         })
     }
 
-    /// Provisions `eps` with `service_setup::provision` and binds the bench's results queue to each one's
+    /// Provisions `eps` with queues of `queue_type` and binds the bench's results queue to each one's
     /// `<EP>.results`, before anything is submitted to them.
-    pub async fn provision(&self, eps: &[EndpointId]) -> Result<()> {
+    pub async fn provision(&self, eps: &[EndpointId], queue_type: wire::QueueType) -> Result<()> {
         for ep in eps {
-            service_setup::provision(&self.conn, ep, HEARTBEAT_SECS)
+            service_setup::provision_typed(&self.conn, ep, HEARTBEAT_SECS, None, Some(queue_type))
                 .await
                 .with_context(|| format!("while provisioning {ep}"))?;
             self.channel

@@ -128,6 +128,8 @@ pub struct Row {
     pub python: bool,
     /// Whether the row also runs `echo` through the service library's calls.
     pub library: bool,
+    /// Whether the endpoint's tasks queue is a quorum queue (single active consumer) instead of a classic one.
+    pub quorum: bool,
     pub raw: Vec<Sample>,
     /// The agent running the built-in `echo`.
     pub agent: Vec<Sample>,
@@ -155,6 +157,7 @@ impl Row {
             endpoints,
             python: false,
             library: false,
+            quorum: false,
             raw: vec![],
             agent: vec![],
             pool: vec![],
@@ -172,10 +175,11 @@ impl Row {
 
     pub fn label(&self) -> String {
         format!(
-            "{} {} ep={}",
+            "{} {} ep={}{}",
             payload_label(self.payload),
             self.pattern(),
-            self.endpoints
+            self.endpoints,
+            if self.quorum { " quorum" } else { "" }
         )
     }
 
@@ -185,6 +189,7 @@ impl Row {
         let mut doc = json!({
             "payload_bytes": self.payload, "pattern": self.pattern(), "rate_per_s": self.rate,
             "endpoints": self.endpoints,
+            "tasks_queue": if self.quorum { "quorum" } else { "classic" },
             "raw": mode(&self.raw),
             "agent": mode(&self.agent),
             "agent_over_raw": {

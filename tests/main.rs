@@ -4,6 +4,7 @@
 mod bad_input;
 mod broker_faults;
 mod chaos;
+mod cluster;
 mod disk;
 mod faults;
 mod http;
@@ -12,6 +13,7 @@ mod isolation;
 mod lifecycle;
 mod operations;
 mod pool;
+mod queue_types;
 mod raw_reader;
 mod roundtrip;
 mod service_client;

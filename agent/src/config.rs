@@ -8,7 +8,7 @@ use crate::limits::{
     DEFAULT_RECONNECT_MIN, DEFAULT_RETENTION_SECS, MAX_WORKERS,
 };
 use crate::sys::{self, Limit, User};
-use endpoint_wire::{BrokerUrl, EndpointId, Tls, TlsError, TlsFiles};
+use endpoint_wire::{BrokerUrl, EndpointId, Tls, TlsError, TlsFiles, parse_broker_urls};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,8 +22,12 @@ pub const BUILTIN_SLEEP: &str = "sleep";
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoint_id: EndpointId,
-    /// Where the broker's URL comes from; read with [`Config::broker_url`] at every (re)connect.
+    /// Where the broker's URLs come from (one per node of a cluster); read with [`Config::broker_urls`] at every
+    /// (re)connect.
     pub broker: BrokerSource,
+    /// The order the URLs are tried in: random (the default, so agents spread over a cluster's nodes) or as
+    /// listed (a preferred node first).
+    pub broker_order: BrokerOrder,
     /// The CA and client certificate `amqps://` URLs connect with.
     pub tls: Tls,
     pub data_dir: PathBuf,
@@ -141,15 +145,26 @@ pub struct CommandSpec {
     pub no_new_privileges: bool,
 }
 
-/// Where the agent finds the broker's URL.
+/// Where the agent finds the broker's URLs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BrokerSource {
-    /// Given as is (`--broker-url`, `AMQP_URL`, or the default).
-    Url(BrokerUrl),
-    /// The first line of a file (`--broker-url-file`, `AMQP_URL_FILE`; `service-setup provision --credentials`
-    /// writes one), read again at every reconnect so a rotated password is picked up; no password on the
-    /// command line.
+    /// Given as is (`--broker-url`, repeated or comma-separated; `AMQP_URL`; or the default).
+    Url(Vec<BrokerUrl>),
+    /// A file (`--broker-url-file`, `AMQP_URL_FILE`; `service-setup provision --credentials` writes one): each
+    /// non-empty line a URL or a comma-separated list of them, read again at every reconnect so a rotated
+    /// password is picked up; no password on the command line.
     File(PathBuf),
+}
+
+/// The order an agent tries its broker URLs in (`--broker-order`, `broker_order`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerOrder {
+    /// A new random order at each start: agents given the same nodes spread over them.
+    #[default]
+    Random,
+    /// As listed: the first URL while it works, the next ones only when it fails.
+    Listed,
 }
 
 /// Values given on the command line (or their env vars); each wins over the file.
@@ -162,6 +177,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub workers: Option<usize>,
     pub prefetch: Option<u16>,
+    /// `--broker-order`; wins over the file's `broker_order`.
+    pub broker_order: Option<BrokerOrder>,
 }
 
 /// What a reload applied and what waits for a restart, one line each (for the log).
@@ -190,6 +207,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     http_addr: Option<std::net::SocketAddr>,
+    broker_order: Option<BrokerOrder>,
     #[serde(default)]
     handback_on_stop: bool,
     #[serde(default)]
@@ -286,6 +304,7 @@ impl Config {
         let config = Config {
             endpoint_id: o.endpoint_id,
             broker: o.broker,
+            broker_order: o.broker_order.or(f.broker_order).unwrap_or_default(),
             tls: Tls::load(&tls_files)?,
             data_dir,
             workers,
@@ -315,7 +334,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         // The file is read once now, so a wrong path stops the start instead of every reconnect.
-        self.broker_url()?;
+        self.broker_urls()?;
         if self.workers == 0 || self.workers > MAX_WORKERS {
             return bad(format!(
                 "workers is {}: use 1 to {MAX_WORKERS}",
@@ -346,13 +365,31 @@ impl Config {
         Ok(())
     }
 
-    /// The broker's URL, with the TLS material: read from the file each time for [`BrokerSource::File`].
-    pub fn broker_url(&self) -> Result<BrokerUrl, ConfigError> {
-        let url = match &self.broker {
-            BrokerSource::Url(url) => url.clone(),
+    /// The broker's URLs as listed (at least one), with the TLS material: read from the file each time for
+    /// [`BrokerSource::File`].
+    pub fn broker_urls(&self) -> Result<Vec<BrokerUrl>, ConfigError> {
+        let urls = match &self.broker {
+            BrokerSource::Url(urls) => urls.clone(),
             BrokerSource::File(path) => read_url_file(path)?,
         };
-        Ok(url.with_tls(self.tls.clone()))
+        if urls.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no broker URL: pass --broker-url (or AMQP_URL)".into(),
+            ));
+        }
+        Ok(urls
+            .into_iter()
+            .map(|u| u.with_tls(self.tls.clone()))
+            .collect())
+    }
+
+    /// [`Config::broker_urls`] in the order to try them ([`BrokerOrder`]).
+    pub fn ordered_broker_urls(&self) -> Result<Vec<BrokerUrl>, ConfigError> {
+        let urls = self.broker_urls()?;
+        Ok(match self.broker_order {
+            BrokerOrder::Random => endpoint_wire::random_order(&urls),
+            BrokerOrder::Listed => urls,
+        })
     }
 
     /// `--http` wins over the file's `http_addr` (kept out of [`Overrides`] so that its other users need not
@@ -630,16 +667,22 @@ fn functions(
     Ok(out)
 }
 
-/// The broker URL in the first non-empty line of `path`.
-fn read_url_file(path: &Path) -> Result<BrokerUrl, ConfigError> {
+/// The broker URLs of `path`: every non-empty line, each a URL or a comma-separated list of them.
+fn read_url_file(path: &Path) -> Result<Vec<BrokerUrl>, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::UrlFile(path.to_owned(), e.to_string()))?;
-    let line = text
+    let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty())
-        .ok_or_else(|| ConfigError::UrlFile(path.to_owned(), "the file is empty".into()))?;
-    BrokerUrl::new(line).map_err(|e| ConfigError::UrlFile(path.to_owned(), e.to_string()))
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return Err(ConfigError::UrlFile(
+            path.to_owned(),
+            "the file is empty".into(),
+        ));
+    }
+    parse_broker_urls(&lines).map_err(|e| ConfigError::UrlFile(path.to_owned(), e.to_string()))
 }
 
 /// `$XDG_STATE_HOME/endpoint-agent/<EP>`, else `~/.local/state/endpoint-agent/<EP>`, else
@@ -662,11 +705,12 @@ mod tests {
     fn overrides() -> Overrides {
         Overrides {
             endpoint_id: EndpointId::new("ep").unwrap(),
-            broker: BrokerSource::Url(BrokerUrl::new("amqp://h/%2f").unwrap()),
+            broker: BrokerSource::Url(vec![BrokerUrl::new("amqp://h/%2f").unwrap()]),
             tls: TlsFiles::default(),
             data_dir: Some("/tmp/x".into()),
             workers: None,
             prefetch: None,
+            broker_order: None,
         }
     }
 

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use endpoint_agent::config::{BrokerSource, Config, Overrides, default_data_dir};
-use endpoint_wire::{BrokerUrl, DEFAULT_BROKER_URL, EndpointId, TlsFiles};
+use endpoint_agent::config::{BrokerOrder, BrokerSource, Config, Overrides, default_data_dir};
+use endpoint_wire::{BrokerUrl, DEFAULT_BROKER_URL, EndpointId, TlsFiles, parse_broker_urls};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,8 +45,11 @@ enum Command {
   endpoint-agent start --endpoint-id demo --config agent.toml --workers 8
   endpoint-agent start --endpoint-id demo --broker-url-file /etc/endpoint-agent/demo.url
   AMQP_URL=amqps://user:pass@broker:5671/prod endpoint-agent start --endpoint-id demo --tls-ca ca.pem
+  endpoint-agent start --endpoint-id demo --broker-url amqp://u:p@rmq1/%2f,amqp://u:p@rmq2/%2f,amqp://u:p@rmq3/%2f
 
 The broker URL: --broker-url-file (AMQP_URL_FILE), else --broker-url (AMQP_URL), else the local default.
+Several URLs (a cluster's nodes) are tried in random order (--broker-order listed: as given); a lost
+connection moves on to the next node. `endpoint-agent status` and the log name the node in use.
 A password given with --broker-url is visible to every local user in the process list: prefer the file
 (`service-setup provision --credentials FILE` writes one, mode 0600) or AMQP_URL. amqps:// URLs use TLS
 with the server's certificate and host name verified (the system's CAs and --tls-ca); they never fall back
@@ -127,14 +130,26 @@ Exit status: 0 done, 1 failed part way (the rest stays on disk), 3 endpoint not 
 
 #[derive(clap::Args, Debug)]
 struct BrokerArgs {
-    /// AMQP URL of the broker [default: amqp://guest:guest@127.0.0.1:5672/%2f]. The password never appears in
-    /// logs, but other local users can see the command line: prefer --broker-url-file.
-    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
-    broker_url: Option<String>,
-    /// File whose first line is the broker URL (mode 0600; read again at every reconnect, so a rotated
-    /// password is picked up).
+    /// AMQP URL of the broker [default: amqp://guest:guest@127.0.0.1:5672/%2f]. For a cluster, every node's
+    /// URL (repeat the flag, or separate them with commas): the agent tries them in --broker-order and, when
+    /// a connection is lost, moves on to the next node. The password never appears in logs, but other local
+    /// users can see the command line: prefer --broker-url-file.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    broker_url: Vec<String>,
+    /// File of the broker URL(s): each non-empty line a URL or a comma-separated list (mode 0600; read again
+    /// at every reconnect, so a rotated password is picked up).
     #[arg(long, env = "AMQP_URL_FILE", value_name = "FILE")]
     broker_url_file: Option<PathBuf>,
+    /// Order to try the broker URLs in: random (agents spread over a cluster's nodes) or listed (the first
+    /// while it works) [or the config file's `broker_order`; default: random].
+    #[arg(long, value_name = "ORDER")]
+    broker_order: Option<BrokerOrder>,
     /// PEM file of a CA to trust for amqps:// besides the system's [or the config file's `tls_ca`].
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
@@ -148,18 +163,20 @@ struct BrokerArgs {
 
 impl BrokerArgs {
     /// Where the URL comes from: the file wins over the URL, which wins over the default.
-    fn source(self) -> anyhow::Result<(BrokerSource, TlsFiles)> {
+    fn source(self) -> anyhow::Result<(BrokerSource, TlsFiles, Option<BrokerOrder>)> {
         let tls = TlsFiles {
             ca: self.tls_ca,
             cert: self.tls_cert,
             key: self.tls_key,
         };
-        let source = match (self.broker_url_file, self.broker_url) {
-            (Some(file), _) => BrokerSource::File(file),
-            (None, Some(url)) => BrokerSource::Url(BrokerUrl::new(url)?),
-            (None, None) => BrokerSource::Url(BrokerUrl::new(DEFAULT_BROKER_URL)?),
+        let source = match self.broker_url_file {
+            Some(file) => BrokerSource::File(file),
+            None if self.broker_url.is_empty() => {
+                BrokerSource::Url(vec![BrokerUrl::new(DEFAULT_BROKER_URL)?])
+            }
+            None => BrokerSource::Url(parse_broker_urls(&self.broker_url)?),
         };
-        Ok((source, tls))
+        Ok((source, tls, self.broker_order))
     }
 }
 
@@ -250,7 +267,7 @@ fn start(
     prefetch: Option<u16>,
     http: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
-    let (broker, tls) = broker.source()?;
+    let (broker, tls, broker_order) = broker.source()?;
     let overrides = Overrides {
         endpoint_id: endpoint.endpoint_id,
         broker,
@@ -258,6 +275,7 @@ fn start(
         data_dir: endpoint.data_dir,
         workers,
         prefetch,
+        broker_order,
     };
     let config = Config::load(overrides, config_file.as_deref())?;
     let config = config.with_http_flag(http);
@@ -335,7 +353,7 @@ fn handback(
     broker: BrokerArgs,
     config_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let (broker, tls) = broker.source()?;
+    let (broker, tls, broker_order) = broker.source()?;
     let overrides = Overrides {
         endpoint_id: endpoint.endpoint_id,
         broker,
@@ -343,6 +361,7 @@ fn handback(
         data_dir: endpoint.data_dir,
         workers: None,
         prefetch: None,
+        broker_order,
     };
     let config = Config::load(overrides, config_file.as_deref())?;
     if !config

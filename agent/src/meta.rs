@@ -16,6 +16,8 @@ pub enum MetaKey {
     Workers,
     /// `since T` while the agent is quiet (consumes nothing new); empty when not in effect.
     Quiet,
+    /// The broker node (its URL, password redacted) the agent is connected to, or was last.
+    Node,
 }
 
 impl MetaKey {
@@ -28,6 +30,7 @@ impl MetaKey {
             MetaKey::DiskFull => "disk_full",
             MetaKey::Workers => "workers",
             MetaKey::Quiet => "quiet",
+            MetaKey::Node => "node",
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct LocalStatus {
     pub tasks_handed_back: u64,
     /// The broker link as last recorded: `connected since T`, `disconnected since T: why`, `stopped at T`.
     pub link: Option<String>,
+    /// The broker node (its URL, password redacted) the agent is connected to, or was last.
+    pub node: Option<String>,
     /// How often the agent has reconnected to the broker since it started.
     pub reconnects: u64,
     /// `since <time>: <reason>` while the broker blocks the agent's publishing (a resource alarm).
@@ -53,6 +55,7 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
             .map(|(_, v)| v.clone())
     };
     let link = get(MetaKey::Link);
+    let node = get(MetaKey::Node);
     let reconnects = get(MetaKey::Reconnects)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
@@ -75,6 +78,7 @@ pub fn local_status(dir: &Path) -> Result<LocalStatus, StoreError> {
         results_pending: counts.results_pending,
         tasks_handed_back: counts.handed_back,
         link,
+        node,
         reconnects,
         publishing_blocked,
         disk_full,
@@ -99,6 +103,9 @@ impl LocalStatus {
         }
         if let Some(link) = &self.link {
             s.push_str(&format!("broker link:     {link}\n"));
+            if let Some(node) = &self.node {
+                s.push_str(&format!("broker node:     {node}\n"));
+            }
             s.push_str(&format!("reconnects:      {}\n", self.reconnects));
         }
         if let Some(b) = &self.publishing_blocked {

@@ -47,11 +47,12 @@ pub(crate) fn config(toml: &str) -> Config {
     std::fs::write(&path, toml).expect("config file");
     let o = Overrides {
         endpoint_id: EndpointId::new("ep").expect("a valid id"),
-        broker: BrokerSource::Url(BrokerUrl::new("amqp://h/%2f").expect("a valid url")),
+        broker: BrokerSource::Url(vec![BrokerUrl::new("amqp://h/%2f").expect("a valid url")]),
         tls: TlsFiles::default(),
         data_dir: Some(std::env::temp_dir()),
         workers: None,
         prefetch: None,
+        broker_order: None,
     };
     Config::load(o, Some(&path)).expect("a valid config")
 }

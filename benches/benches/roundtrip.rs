@@ -51,6 +51,9 @@ use test_support::build::{Profile, agent_binary};
   cargo bench -p benches -- --only-payloads 100 --only-endpoints 1 --reps 5
   cargo bench -p benches -- --skip-matrix     only the backlog drain and the replay
   cargo bench -p benches -- --http            quick run, every agent serving HTTP (compare with a run without)
+  cargo bench -p benches -- --skip-matrix --skip-backlog --skip-replay   nothing but the warm-up
+  cargo bench -p benches -- --only-payloads 100 --only-endpoints 1 --only-rates 500 --skip-python --skip-calls
+                                              the classic and quorum 100 B rows only
 
 Output: progress on stderr, a table on stdout, target/bench/roundtrip.json and target/bench/roundtrip.svg
 (or under --out). If a run fails because the broker restarted, run it again."
@@ -97,6 +100,9 @@ struct Args {
     /// Skip the `call` rows (`echo` through the service library's `Client::call`).
     #[arg(long)]
     skip_calls: bool,
+    /// Skip the quorum rows (100 B full blast and the lowest rate with a quorum tasks queue, single node).
+    #[arg(long)]
+    skip_quorum: bool,
     /// Concurrent callers in the full-blast `call` row (each calls again as soon as its call returns).
     #[arg(long, default_value_t = 64)]
     callers: usize,
@@ -135,6 +141,8 @@ struct Plan {
     python: bool,
     /// Whether the `call` rows run.
     calls: bool,
+    /// Whether the quorum rows run.
+    quorum: bool,
     callers: usize,
 }
 
@@ -159,6 +167,7 @@ impl Plan {
             backlog: a.backlog.unwrap_or(if a.full { 100_000 } else { 10_000 }),
             python: !a.skip_python && agent::python_available(),
             calls: !a.skip_calls,
+            quorum: !a.skip_quorum,
             callers: a.callers.max(1),
         };
         if !a.skip_python && !plan.python {
@@ -212,6 +221,15 @@ impl Plan {
             rows.push(row(smallest, None, n));
             if let Some(&r) = rates.first() {
                 rows.push(row(smallest, Some(r), n));
+            }
+        }
+        // The cost of replication: the smallest payload, one endpoint, full blast and the lowest rate, with a
+        // quorum tasks queue (on the one node here: the Raft log's cost without the network's).
+        if self.quorum {
+            for rate in std::iter::once(None).chain(rates.first().map(|&r| Some(r))) {
+                let mut r = row(smallest, rate, first);
+                r.quorum = true;
+                rows.push(r);
             }
         }
         rows
@@ -339,7 +357,8 @@ struct Bench {
     data: PathBuf,
     progress: Progress,
     next_run: u64,
-    endpoints: BTreeMap<usize, Vec<EndpointId>>,
+    /// Endpoints by (count, quorum tasks queue).
+    endpoints: BTreeMap<(usize, bool), Vec<EndpointId>>,
 }
 
 impl Bench {
@@ -348,16 +367,23 @@ impl Bench {
         self.next_run
     }
 
-    /// The `n` endpoints of rows with `n` endpoints, provisioned on first use.
-    async fn endpoints(&mut self, n: usize) -> Result<Vec<EndpointId>> {
-        if let Some(eps) = self.endpoints.get(&n) {
+    /// The `n` endpoints of rows with `n` endpoints (with quorum tasks queues for quorum rows), provisioned
+    /// on first use.
+    async fn endpoints(&mut self, n: usize, quorum: bool) -> Result<Vec<EndpointId>> {
+        if let Some(eps) = self.endpoints.get(&(n, quorum)) {
             return Ok(eps.clone());
         }
+        let kind = if quorum { "q" } else { "" };
         let eps = (0..n)
-            .map(|i| EndpointId::new(format!("bench{n}-{i}")).context("bench endpoint id"))
+            .map(|i| EndpointId::new(format!("bench{kind}{n}-{i}")).context("bench endpoint id"))
             .collect::<Result<Vec<_>>>()?;
-        self.service.provision(&eps).await?;
-        self.endpoints.insert(n, eps.clone());
+        let queue_type = if quorum {
+            endpoint_wire::QueueType::Quorum
+        } else {
+            endpoint_wire::QueueType::Classic
+        };
+        self.service.provision(&eps, queue_type).await?;
+        self.endpoints.insert((n, quorum), eps.clone());
         Ok(eps)
     }
 
@@ -410,7 +436,7 @@ impl Bench {
         tasks: usize,
         label: &str,
     ) -> Result<Sample> {
-        let eps = self.endpoints(row.endpoints).await?;
+        let eps = self.endpoints(row.endpoints, row.quorum).await?;
         let run = self.run_id();
         let state = RunState::new(run, tasks)?;
         self.service.begin(&state);
@@ -528,7 +554,9 @@ impl Bench {
     async fn drain(&mut self, mode: Mode, n: usize) -> Result<Sample> {
         let run = self.run_id();
         let ep = EndpointId::new(format!("drain{run}")).context("drain endpoint id")?;
-        self.service.provision(std::slice::from_ref(&ep)).await?;
+        self.service
+            .provision(std::slice::from_ref(&ep), endpoint_wire::QueueType::Classic)
+            .await?;
         let state = RunState::new(run, n)?;
         self.service.begin(&state);
         self.progress
@@ -602,7 +630,9 @@ impl Bench {
     async fn replay(&mut self, n: usize) -> Result<Value> {
         let run = self.run_id();
         let ep = EndpointId::new(format!("replay{run}")).context("replay endpoint id")?;
-        self.service.provision(std::slice::from_ref(&ep)).await?;
+        self.service
+            .provision(std::slice::from_ref(&ep), endpoint_wire::QueueType::Classic)
+            .await?;
         let dir = self.data.join(format!("run{run}-{ep}"));
         {
             let (store, _) =
@@ -1034,10 +1064,11 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
 /// The issue's targets, stated as met or missed (never asserted).
 fn targets(rows: &[Row], backlog: &Value, callers: usize) -> Vec<String> {
     let mut out = Vec::new();
-    let find = |rate: Option<f64>| {
+    let find_in = |rate: Option<f64>, quorum: bool| {
         rows.iter()
-            .find(|r| r.payload == 100 && r.endpoints == 1 && r.rate == rate)
+            .find(|r| r.payload == 100 && r.endpoints == 1 && r.rate == rate && r.quorum == quorum)
     };
+    let find = |rate: Option<f64>| find_in(rate, false);
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     if let Some(r) = find(None) {
         let ratio = Medians::of(&r.agent).tasks_per_s / Medians::of(&r.raw).tasks_per_s;
@@ -1120,6 +1151,31 @@ fn targets(rows: &[Row], backlog: &Value, callers: usize) -> Vec<String> {
     {
         out.push(format!(
             "agent CPU per 1,000 tasks (100 B blast, 1 endpoint) = {cpu:.3} s (stated)"
+        ));
+    }
+    // The cost of a quorum tasks queue, from the same run (stated, no target).
+    if let (Some(c), Some(q)) = (find(None), find_in(None, true)) {
+        let m = |s: &[report::Sample]| Medians::of(s).tasks_per_s;
+        out.push(format!(
+            "quorum tasks queue, 100 B full blast: agent/raw = {:.3}; quorum/classic throughput: raw {:.3}, agent {:.3} (stated)",
+            m(&q.agent) / m(&q.raw),
+            m(&q.raw) / m(&c.raw),
+            m(&q.agent) / m(&c.agent)
+        ));
+    }
+    if let (Some(c), Some(q)) = (find(Some(500.0)), find_in(Some(500.0), true)) {
+        let (cr, ca, qr, qa) = (
+            Medians::of(&c.raw),
+            Medians::of(&c.agent),
+            Medians::of(&q.raw),
+            Medians::of(&q.agent),
+        );
+        out.push(format!(
+            "quorum tasks queue, paced 500/s: agent - raw p50 {:.2} ms, p99 {:.2} ms; quorum - classic p50: raw {:.2} ms, agent {:.2} ms (stated)",
+            qa.p50_ms - qr.p50_ms,
+            qa.p99_ms - qr.p99_ms,
+            qr.p50_ms - cr.p50_ms,
+            qa.p50_ms - ca.p50_ms
         ));
     }
     out

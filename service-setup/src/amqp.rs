@@ -4,7 +4,8 @@
 //! here so provision, submit and the results reader cannot drift apart. It must not decide policy (what is an error for which command); callers do.
 
 use crate::error::{SetupError, reply_text, soft_error};
-use endpoint_wire::BrokerError;
+use endpoint_wire::amqp::queue_info;
+use endpoint_wire::{BrokerError, QueueType};
 use endpoint_wire::{RESULTS_BINDING, RESULTS_EXCHANGE, RESULTS_QUEUE, TASKS_EXCHANGE};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::AMQPSoftError;
@@ -30,19 +31,33 @@ pub(crate) async fn close_channel(channel: &Channel) {
     }
 }
 
-/// Arguments of the classic `<EP>.tasks` queue.
-pub(crate) fn tasks_queue_args() -> FieldTable {
+fn typed(queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("classic")),
+        AMQPValue::LongString(LongString::from(queue_type.as_str())),
     );
     args
 }
 
-/// Arguments of the max-length-1 `<EP>.registration` and `<EP>.heartbeat` queues: a new message replaces the old.
-pub(crate) fn latest_only_queue_args() -> FieldTable {
-    let mut args = FieldTable::default();
+/// Arguments of the `<EP>.tasks` queue: a quorum queue has a single active consumer (it ignores the exclusive
+/// flag a classic queue's consumer is held to). No `x-delivery-limit`: the agent counts attempts itself.
+pub(crate) fn tasks_queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = typed(queue_type);
+    if queue_type == QueueType::Quorum {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
+/// Arguments of the max-length-1 `<EP>.registration` and `<EP>.heartbeat` queues: a new message replaces the
+/// old. A classic one keeps the arguments it always had (no `x-queue-type`), so endpoints provisioned before
+/// queue types re-provision as they are.
+pub(crate) fn latest_only_queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = match queue_type {
+        QueueType::Classic => FieldTable::default(),
+        QueueType::Quorum => typed(queue_type),
+    };
     args.insert("x-max-length".into(), AMQPValue::LongInt(1));
     args.insert(
         "x-overflow".into(),
@@ -124,9 +139,39 @@ pub(crate) async fn declare_tasks_exchange(channel: &Channel) -> Result<(), Setu
     declare_exchange(channel, TASKS_EXCHANGE, ExchangeKind::Direct).await
 }
 
-/// The shared results exchange, queue and binding, shared by every endpoint of the vhost.
-pub(crate) async fn declare_results(channel: &Channel) -> Result<(), SetupError> {
-    declare_exchange(channel, RESULTS_EXCHANGE, ExchangeKind::Topic).await?;
-    declare_queue(channel, RESULTS_QUEUE, FieldTable::default()).await?;
-    bind(channel, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_BINDING).await
+/// The shared results exchange, queue and binding, shared by every endpoint of the vhost. The queue is made
+/// with `queue_type` when it does not exist yet; one that exists is used as it is, whatever its type (it serves
+/// every endpoint, and a queue cannot change type): a classic one where quorum was asked for is logged as a
+/// warning.
+pub(crate) async fn declare_results(
+    conn: &Connection,
+    queue_type: QueueType,
+) -> Result<(), SetupError> {
+    let channel = open_channel(conn, "declare the results queue").await?;
+    declare_exchange(&channel, RESULTS_EXCHANGE, ExchangeKind::Topic).await?;
+    let exists = queue_info(conn, RESULTS_QUEUE).await?.is_some();
+    let args = match queue_type {
+        // As it always was declared (no type argument), so an existing classic queue matches.
+        QueueType::Classic => FieldTable::default(),
+        QueueType::Quorum => typed(queue_type),
+    };
+    if !exists {
+        declare_queue(&channel, RESULTS_QUEUE, args).await?;
+    } else if queue_type == QueueType::Quorum {
+        // Replication was asked for: say so if the queue has another type. A declare with other arguments is
+        // refused and closes the channel, so it is tried on one of its own.
+        let probe = open_channel(conn, "check the results queue's type").await?;
+        match declare_queue(&probe, RESULTS_QUEUE, args).await {
+            Ok(_) => close_channel(&probe).await,
+            Err(SetupError::QueueMismatch { reason, .. }) => tracing::warn!(
+                queue = RESULTS_QUEUE,
+                broker = %reason,
+                "the shared results queue exists as a classic queue and is used as it is (it serves every endpoint of this vhost; a queue cannot change type): results that no service queue takes wait on that one node; to replicate it, stop every agent, drain it with `service-setup results`, delete it and provision again"
+            ),
+            Err(e) => return Err(e),
+        }
+    }
+    bind(&channel, RESULTS_QUEUE, RESULTS_EXCHANGE, RESULTS_BINDING).await?;
+    close_channel(&channel).await;
+    Ok(())
 }

@@ -237,9 +237,10 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the first of `urls` that accepts (each within [`crate::CONNECT_TIMEOUT`]), declares the
-    /// service's results queue and starts consuming it. Later, a lost connection is reopened in the
-    /// background (the URLs in turn, with backoff); calls in flight keep waiting, submits fail until then.
+    /// Connects to the first of `urls` that accepts (each within [`crate::CONNECT_TIMEOUT`]; a cluster's nodes
+    /// are tried in random order, so that a service's instances spread over them), declares the service's
+    /// results queue and starts consuming it. Later, a lost connection is reopened in the background (the next
+    /// URL first, then the others in turn, with backoff); calls in flight keep waiting, submits fail until then.
     pub async fn connect(urls: &[BrokerUrl], options: ClientOptions) -> Result<Client, SetupError> {
         if urls.is_empty() {
             return Err(SetupError::InvalidArgument(
@@ -253,7 +254,7 @@ impl Client {
         }
         let (unclaimed_tx, unclaimed_rx) = mpsc::channel(usize::from(options.prefetch));
         let inner = Arc::new(Inner {
-            urls: urls.to_vec(),
+            urls: crate::random_order(urls),
             options,
             session: watch::channel(None).0,
             waiters: Mutex::default(),

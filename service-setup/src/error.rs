@@ -38,6 +38,21 @@ pub enum SetupError {
     },
 
     #[error(
+        "queue {queue} exists as another type than {wanted} ({reason}): a queue cannot change its type; let the agent finish what is queued, run `service-setup deprovision --endpoint-id {endpoint}`, then provision again with --queue-type {wanted}"
+    )]
+    /// Provision asked for another queue type than the endpoint's queues have.
+    QueueTypeChange {
+        /// The endpoint.
+        endpoint: EndpointId,
+        /// The queue.
+        queue: String,
+        /// The type asked for.
+        wanted: endpoint_wire::QueueType,
+        /// The broker's reply text.
+        reason: String,
+    },
+
+    #[error(
         "the broker refused {what} (negative confirm): it may be short of disk or memory, check `rabbitmqctl status` and retry"
     )]
     /// The broker refused `what` with a negative confirm.

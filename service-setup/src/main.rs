@@ -6,8 +6,9 @@ use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use service_setup::management::Management;
 use service_setup::{
-    BrokerUrl, CallError, Client, ClientOptions, DEFAULT_BROKER_URL, EndpointId, ResultRecord,
-    ResultsQuery, ServiceName, SetupError, SubmitOptions, Submitter, TaskSpec, Tls, TlsFiles,
+    BrokerUrl, CallError, Client, ClientOptions, DEFAULT_BROKER_URL, EndpointId, QueueType,
+    ResultRecord, ResultsQuery, ServiceName, SetupError, SubmitOptions, Submitter, TaskSpec, Tls,
+    TlsFiles,
 };
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -38,7 +39,7 @@ Exit codes:
   69  broker unreachable or refused the connection
 
 Environment:
-  AMQP_URL   broker URL when --broker-url is not given
+  AMQP_URL   broker URL(s) when --broker-url is not given; several (a cluster's nodes) separated by commas
   RUST_LOG   log filter for stderr (default: warn)
 
 Examples:
@@ -57,16 +58,18 @@ Examples:
 #[command(name = "service-setup", version, after_help = MAIN_HELP)]
 struct Cli {
     /// AMQP URL of the broker, including user, password and vhost (`%2f` is the default vhost "/").
-    /// The password is never printed.
+    /// The password is never printed. For a cluster, give each node's URL (repeat the flag, or separate them
+    /// with commas): they are tried in random order until one accepts.
     #[arg(
         long,
         env = "AMQP_URL",
         hide_env_values = true,
         default_value = DEFAULT_BROKER_URL,
         global = true,
-        value_name = "URL"
+        value_name = "URL",
+        value_delimiter = ','
     )]
-    broker_url: String,
+    broker_url: Vec<String>,
 
     /// PEM file of a CA to trust for amqps:// URLs besides the system's. The server's certificate and host
     /// name are always verified; amqps:// never falls back to plaintext.
@@ -97,12 +100,19 @@ enum Command {
     /// results and heartbeats), made through the RabbitMQ management API (the service's URL's user needs the
     /// `administrator` tag); FILE (mode 0600) gets the URL the agent logs in with: start it with
     /// `--broker-url-file FILE`. Running it again rotates the password.
+    ///
+    /// --queue-type quorum replicates the endpoint's queues over a RabbitMQ cluster (docs/cluster.md): the
+    /// endpoint keeps working while a majority of the nodes runs, and one agent at a time takes its tasks
+    /// through the queue's single active consumer (a standby agent takes over the moment the active one's
+    /// connection dies). Classic queues are faster and live on one node: right for a single broker.
     #[command(after_help = "\
 Examples:
   service-setup provision --endpoint-id demo
   service-setup provision --endpoint-id demo --heartbeat 30 --json
   service-setup provision --endpoint-id demo --credentials demo.url
-  endpoint-agent start --endpoint-id demo --broker-url-file demo.url")]
+  endpoint-agent start --endpoint-id demo --broker-url-file demo.url
+  AMQP_URL=amqp://u:p@rmq1:5672/%2f,amqp://u:p@rmq2:5672/%2f,amqp://u:p@rmq3:5672/%2f \\
+    service-setup provision --endpoint-id demo --queue-type quorum")]
     Provision {
         #[command(flatten)]
         endpoint: EndpointArg,
@@ -110,6 +120,11 @@ Examples:
         #[arg(long, value_name = "SECONDS", default_value_t = 10,
               value_parser = clap::value_parser!(u16).range(1..=3600))]
         heartbeat: u16,
+        /// Type of the endpoint's queues: classic (one node; the default for a new endpoint) or quorum
+        /// (replicated over a cluster, single active consumer) [default: the type the endpoint already has].
+        /// A queue cannot change type: to change it, deprovision the endpoint first.
+        #[arg(long, value_name = "TYPE", value_parser = ["classic", "quorum"])]
+        queue_type: Option<String>,
         /// Print the registration written, as JSON, instead of a summary line.
         #[arg(long)]
         json: bool,
@@ -306,8 +321,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     // Checked here rather than by clap, whose error would echo the value, password included.
-    let url = match BrokerUrl::new(cli.broker_url.as_str()) {
-        Ok(url) => url,
+    let urls = match service_setup::parse_broker_urls(&cli.broker_url) {
+        Ok(urls) => urls,
         Err(e) => {
             eprintln!("error: {e}: pass an amqp:// or amqps:// URL with --broker-url or AMQP_URL");
             return ExitCode::from(EXIT_USAGE);
@@ -318,8 +333,8 @@ fn main() -> ExitCode {
         cert: cli.tls_cert.clone(),
         key: cli.tls_key.clone(),
     };
-    let url = match Tls::load(&tls) {
-        Ok(tls) => url.with_tls(tls),
+    let urls: Vec<BrokerUrl> = match Tls::load(&tls) {
+        Ok(tls) => urls.into_iter().map(|u| u.with_tls(tls.clone())).collect(),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -350,7 +365,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    match runtime.block_on(run(cli.command, url)) {
+    match runtime.block_on(run(cli.command, urls)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", render(&e));
@@ -399,10 +414,14 @@ fn render(e: &anyhow::Error) -> String {
     out
 }
 
-async fn run(command: Command, url: BrokerUrl) -> anyhow::Result<()> {
+async fn run(command: Command, urls: Vec<BrokerUrl>) -> anyhow::Result<()> {
     // The connect error already says what to check (credentials, or whether the broker runs).
-    let conn = service_setup::connect(&url).await?;
-    let outcome = dispatch(command, &conn, &url).await;
+    let (conn, url) = service_setup::connect_any(&urls).await?;
+    tracing::debug!(node = %url.node(), "connected");
+    // The node connected to first, then the others: what a command that connects again (call) tries.
+    let mut urls: Vec<BrokerUrl> = urls.into_iter().filter(|u| *u != url).collect();
+    urls.insert(0, url);
+    let outcome = dispatch(command, &conn, &urls).await;
     if let Err(e) = endpoint_wire::amqp::close(&conn, "OK").await {
         tracing::debug!(error = %e, "closing the connection failed");
     }
@@ -412,32 +431,53 @@ async fn run(command: Command, url: BrokerUrl) -> anyhow::Result<()> {
 async fn dispatch(
     command: Command,
     conn: &lapin::Connection,
-    url: &BrokerUrl,
+    urls: &[BrokerUrl],
 ) -> anyhow::Result<()> {
+    // The node this command is connected to.
+    let url = &urls[0];
     match command {
         Command::Provision {
             endpoint: EndpointArg { endpoint_id: ep },
             heartbeat,
+            queue_type,
             json,
             credentials,
             management,
         } => {
+            let queue_type = queue_type
+                .map(|t| t.parse::<QueueType>().map_err(anyhow::Error::msg))
+                .transpose()?;
+            if queue_type != Some(QueueType::Quorum) && urls.len() > 1 {
+                tracing::warn!(
+                    nodes = urls.len(),
+                    "several broker URLs were given (a cluster?) but the endpoint's queues are not made quorum: a classic tasks queue lives on one node and the endpoint waits while that node is down; pass --queue-type quorum to replicate them"
+                );
+            }
             let reg = match &credentials {
-                None => service_setup::provision(conn, &ep, heartbeat).await,
+                None => {
+                    let user = service_setup::endpoint_user_of(conn, &ep).await?;
+                    service_setup::provision_typed(conn, &ep, heartbeat, user, queue_type).await
+                }
                 Some(file) => {
                     let api = Management::new(&management.management_url, url)?;
                     let (user, password) =
                         api.create_endpoint_user(&ep).await.with_context(|| {
                             format!("while creating the broker user of endpoint {ep}")
                         })?;
-                    let agent_url = service_setup::management::agent_url(url, &user, &password);
+                    // Every node's URL, so the agent can fail over as the service does.
+                    let agent_url = urls
+                        .iter()
+                        .map(|u| service_setup::management::agent_url(u, &user, &password))
+                        .collect::<Vec<_>>()
+                        .join(",");
                     service_setup::management::write_credentials(file, &agent_url).map_err(
                         |err| SetupError::Credentials {
                             path: file.clone(),
                             err,
                         },
                     )?;
-                    service_setup::provision_as(conn, &ep, heartbeat, Some(user)).await
+                    service_setup::provision_typed(conn, &ep, heartbeat, Some(user), queue_type)
+                        .await
                 }
             }
             .with_context(|| format!("while provisioning endpoint {ep}"))?;
@@ -447,8 +487,9 @@ async fn dispatch(
                 print_line(&text)?;
             } else {
                 print_line(&format!(
-                    "provisioned endpoint {ep}: tasks queue {}, heartbeat every {}s, registration written at {}",
+                    "provisioned endpoint {ep}: tasks queue {} ({}), heartbeat every {}s, registration written at {}",
                     reg.tasks_queue,
+                    reg.tasks_queue_type,
                     reg.heartbeat_secs,
                     service_setup::rfc3339_utc(reg.provisioned_at_ms)
                 ))?;
@@ -538,7 +579,7 @@ async fn dispatch(
         } => {
             let payload = read_payload(payload, payload_file)?;
             return call(
-                conn, url, &ep, &function, payload, timeout, task_id, service, json,
+                conn, urls, &ep, &function, payload, timeout, task_id, service, json,
             )
             .await;
         }
@@ -595,7 +636,7 @@ async fn dispatch(
 #[allow(clippy::too_many_arguments)]
 async fn call(
     conn: &lapin::Connection,
-    url: &BrokerUrl,
+    urls: &[BrokerUrl],
     ep: &EndpointId,
     function: &str,
     payload: Vec<u8>,
@@ -619,7 +660,7 @@ async fn call(
         // Deleted on exit when empty; if this process dies first, the broker deletes it after a day unused.
         options.queue_expires = Some(Duration::from_secs(24 * 3600));
     }
-    let client = Client::connect(std::slice::from_ref(url), options).await?;
+    let client = Client::connect(urls, options).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let submit = SubmitOptions {
         task_id,

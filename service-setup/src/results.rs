@@ -221,10 +221,11 @@ where
     }
     let queue = match &query.service {
         None => {
-            // Idempotent, and lets a reader start before any endpoint was provisioned in this vhost.
-            let channel = open_channel(conn, "declare the results queue").await?;
-            declare_results(&channel).await?;
-            close_channel(&channel).await;
+            // Idempotent (an existing queue is used as it is), and lets a reader start before any endpoint
+            // was provisioned in this vhost.
+            if queue_info(conn, RESULTS_QUEUE).await?.is_none() {
+                declare_results(conn, endpoint_wire::QueueType::Classic).await?;
+            }
             RESULTS_QUEUE.to_owned()
         }
         Some(service) => {

@@ -237,7 +237,7 @@ impl EndpointStatus {
         );
         let beat = |hb: &Heartbeat| {
             format!(
-                "{} ({}s ago): state {}, seq {}, {} queued, {} running, {} results pending, agent {} on {} pid {} (instance {})",
+                "{} ({}s ago): state {}, seq {}, {} queued, {} running, {} results pending, agent {} on {} pid {} (instance {}){}",
                 rfc3339_utc(hb.time_ms),
                 secs(self.now_ms.saturating_sub(hb.time_ms)),
                 hb.state,
@@ -252,6 +252,11 @@ impl EndpointStatus {
                     "?"
                 } else {
                     &hb.instance
+                },
+                if hb.node.is_empty() {
+                    String::new()
+                } else {
+                    format!(", via broker node {}", hb.node)
                 },
             )
         };
@@ -438,6 +443,7 @@ mod tests {
             pid: 42,
             instance: "i1".into(),
             role: endpoint_wire::Role::Active,
+            node: String::new(),
         }
     }
 

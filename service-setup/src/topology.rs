@@ -12,7 +12,7 @@ use crate::error::{SetupError, soft_error};
 use crate::management::Management;
 use endpoint_wire::amqp::queue_info;
 use endpoint_wire::{
-    EndpointId, HANDBACK_EXCHANGE, HEARTBEATS_EXCHANGE, PROTOCOL_VERSION, Registration,
+    EndpointId, HANDBACK_EXCHANGE, HEARTBEATS_EXCHANGE, PROTOCOL_VERSION, QueueType, Registration,
     TASKS_EXCHANGE, now_ms,
 };
 use lapin::ExchangeKind;
@@ -25,14 +25,15 @@ pub const HEARTBEAT_SECS_RANGE: std::ops::RangeInclusive<u16> = 1..=3600;
 
 /// Declares everything endpoint `ep` needs and publishes a fresh [`Registration`] (confirmed by the broker).
 /// Safe to run again: the topology is re-declared as is and the new registration replaces the old one, keeping
-/// the endpoint's broker user if the old one named one.
+/// the endpoint's broker user and queue type if the old one named them (a new endpoint gets classic queues).
 pub async fn provision(
     conn: &Connection,
     ep: &EndpointId,
     heartbeat_secs: u16,
 ) -> Result<Registration, SetupError> {
-    let user = endpoint_user_of(conn, ep).await?;
-    provision_as(conn, ep, heartbeat_secs, user).await
+    let old = registration_of(conn, ep).await?;
+    let user = old.as_ref().and_then(|r| r.endpoint_user.clone());
+    provision_typed(conn, ep, heartbeat_secs, user, None).await
 }
 
 /// [`provision`] naming `endpoint_user` as the broker user the endpoint's agent logs in as (results for the
@@ -43,26 +44,70 @@ pub async fn provision_as(
     heartbeat_secs: u16,
     endpoint_user: Option<String>,
 ) -> Result<Registration, SetupError> {
+    provision_typed(conn, ep, heartbeat_secs, endpoint_user, None).await
+}
+
+/// [`provision_as`] with the type of the endpoint's queues: `Some(quorum)` replicates them over a cluster's
+/// nodes (the tasks queue with a single active consumer), `None` keeps the type the registration already names
+/// (classic for a new endpoint). An existing tasks queue of another type is [`SetupError::QueueTypeChange`].
+pub async fn provision_typed(
+    conn: &Connection,
+    ep: &EndpointId,
+    heartbeat_secs: u16,
+    endpoint_user: Option<String>,
+    queue_type: Option<QueueType>,
+) -> Result<Registration, SetupError> {
+    let queue_type = match queue_type {
+        Some(t) => t,
+        None => registration_of(conn, ep)
+            .await?
+            .map_or(QueueType::Classic, |r| r.tasks_queue_type),
+    };
     if !HEARTBEAT_SECS_RANGE.contains(&heartbeat_secs) {
         return Err(SetupError::InvalidArgument(format!(
             "heartbeat interval {heartbeat_secs}s is out of range: pass 1 to 3600 seconds"
         )));
     }
+    declare_results(conn, queue_type).await?;
     let channel = open_channel(conn, "provision").await?;
     declare_tasks_exchange(&channel).await?;
-    declare_results(&channel).await?;
 
     let tasks = ep.tasks_queue();
-    declare_queue(&channel, &tasks, tasks_queue_args()).await?;
+    declare_queue(&channel, &tasks, tasks_queue_args(queue_type))
+        .await
+        .map_err(|e| match e {
+            SetupError::QueueMismatch { queue, reason }
+                if reason.contains("x-queue-type")
+                    || reason.contains("x-single-active-consumer") =>
+            {
+                SetupError::QueueTypeChange {
+                    endpoint: ep.clone(),
+                    queue,
+                    wanted: queue_type,
+                    reason,
+                }
+            }
+            e => e,
+        })?;
     bind(&channel, &tasks, TASKS_EXCHANGE, &tasks).await?;
     // Where a hand-back puts tasks back (an endpoint's user may publish there with its own key only).
     declare_exchange(&channel, HANDBACK_EXCHANGE, ExchangeKind::Topic).await?;
     bind(&channel, &tasks, HANDBACK_EXCHANGE, &tasks).await?;
     let registration_queue = ep.registration_queue();
-    declare_queue(&channel, &registration_queue, latest_only_queue_args()).await?;
+    declare_queue(
+        &channel,
+        &registration_queue,
+        latest_only_queue_args(queue_type),
+    )
+    .await?;
     declare_exchange(&channel, HEARTBEATS_EXCHANGE, ExchangeKind::Topic).await?;
     let heartbeat_queue = ep.heartbeat_queue();
-    declare_queue(&channel, &heartbeat_queue, latest_only_queue_args()).await?;
+    declare_queue(
+        &channel,
+        &heartbeat_queue,
+        latest_only_queue_args(queue_type),
+    )
+    .await?;
     bind(
         &channel,
         &heartbeat_queue,
@@ -72,7 +117,7 @@ pub async fn provision_as(
     .await?;
     // Beats of agents that do not consume (standing by, quieted): kept apart so they never hide the active one's.
     let standby_queue = ep.standby_heartbeat_queue();
-    declare_queue(&channel, &standby_queue, latest_only_queue_args()).await?;
+    declare_queue(&channel, &standby_queue, latest_only_queue_args(queue_type)).await?;
     bind(
         &channel,
         &standby_queue,
@@ -83,6 +128,7 @@ pub async fn provision_as(
 
     let mut registration = Registration::new(ep.clone(), heartbeat_secs, now_ms());
     registration.endpoint_user = endpoint_user;
+    registration.tasks_queue_type = queue_type;
     let body = serde_json::to_vec(&registration).expect("a Registration always serializes to JSON");
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -124,7 +170,7 @@ pub async fn provision_as(
         }
     }
     close_channel(&channel).await;
-    tracing::info!(endpoint = %ep, heartbeat_secs, "provisioned");
+    tracing::info!(endpoint = %ep, heartbeat_secs, %queue_type, "provisioned");
     Ok(registration)
 }
 

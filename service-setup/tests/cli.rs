@@ -691,6 +691,7 @@ fn heartbeat(ep: &EndpointId, state: AgentState, time_ms: u64, seq: u64) -> Hear
         pid: 4242,
         instance: "test-instance".into(),
         role: endpoint_wire::Role::Active,
+        node: "127.0.0.1:5672".into(),
     }
 }
 

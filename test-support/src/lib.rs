@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod build;
+pub mod cluster;
 mod host;
 pub mod proxy;
 mod scenario;

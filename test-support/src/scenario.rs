@@ -304,6 +304,8 @@ static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 pub enum BrokerLock {
     Shared(tokio::sync::RwLockReadGuard<'static, ()>),
     Exclusive(tokio::sync::RwLockWriteGuard<'static, ()>),
+    /// The scenario runs on the cluster, not on the single node.
+    Elsewhere,
 }
 
 impl BrokerLock {
@@ -313,6 +315,11 @@ impl BrokerLock {
 
     pub async fn exclusive() -> BrokerLock {
         BrokerLock::Exclusive(BROKER.write().await)
+    }
+
+    /// Not the single node at all (a scenario on the cluster, `crate::cluster`).
+    pub fn elsewhere() -> BrokerLock {
+        BrokerLock::Elsewhere
     }
 
     fn assert_exclusive(&self, what: &str) {
@@ -340,18 +347,32 @@ pub struct Service {
     /// How often the service side reconnected.
     pub reconnects: u64,
     broker: BrokerLock,
+    /// The broker URLs (one per node of a cluster) and the next one to try on a reconnect.
+    urls: Vec<String>,
+    next_url: usize,
+    /// The type of the service's results queue (quorum on a cluster, so a node's loss loses no result).
+    results_type: wire::QueueType,
 }
 
 /// Opens the service's connection, submitter and results consumer (declaring and binding its queue).
 async fn open_service(
     endpoint: &EndpointId,
+    url: &str,
+    results_type: wire::QueueType,
 ) -> Result<(Connection, Submitter, Channel, lapin::Consumer), String> {
-    let url = endpoint_wire::BrokerUrl::new(url()).map_err(|e| e.to_string())?;
+    let url = endpoint_wire::BrokerUrl::new(url).map_err(|e| e.to_string())?;
     let conn = endpoint_wire::amqp::connect(&url, "test service")
         .await
         .map_err(|e| e.to_string())?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
     let queue = format!("test-results-{endpoint}");
+    let mut args = FieldTable::default();
+    if results_type == wire::QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+    }
     channel
         .queue_declare(
             queue.as_str().into(),
@@ -359,7 +380,7 @@ async fn open_service(
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await
         .map_err(|e| format!("declare result queue: {e}"))?;
@@ -395,31 +416,74 @@ async fn open_service(
 impl Service {
     /// Provisions `endpoint` for an ordinary scenario (broker lock shared).
     pub async fn provision(endpoint: &EndpointId, heartbeat_secs: u16) -> Service {
-        Service::provision_with(endpoint, heartbeat_secs, BrokerLock::shared().await).await
+        let lock = BrokerLock::shared().await;
+        Service::provision_with(endpoint, heartbeat_secs, lock, vec![url()], None).await
+    }
+
+    /// Provisions `endpoint` with queues of `queue_type` on the single node (broker lock shared).
+    pub async fn provision_typed(
+        endpoint: &EndpointId,
+        heartbeat_secs: u16,
+        queue_type: wire::QueueType,
+    ) -> Service {
+        let lock = BrokerLock::shared().await;
+        Service::provision_with(
+            endpoint,
+            heartbeat_secs,
+            lock,
+            vec![url()],
+            Some(queue_type),
+        )
+        .await
+    }
+
+    /// Provisions `endpoint` with queues of `queue_type` through the first of `urls` (a cluster's nodes); the
+    /// service's own results queue is a quorum queue and a lost connection moves on to the next URL.
+    pub async fn provision_on(
+        urls: Vec<String>,
+        endpoint: &EndpointId,
+        heartbeat_secs: u16,
+        queue_type: wire::QueueType,
+    ) -> Service {
+        let lock = BrokerLock::elsewhere();
+        Service::provision_with(endpoint, heartbeat_secs, lock, urls, Some(queue_type)).await
     }
 
     /// Provisions `endpoint` for a scenario that restarts the broker or raises an alarm: waits until no other
     /// scenario uses the broker and keeps it to itself.
     pub async fn provision_exclusive(endpoint: &EndpointId, heartbeat_secs: u16) -> Service {
-        Service::provision_with(endpoint, heartbeat_secs, BrokerLock::exclusive().await).await
+        let lock = BrokerLock::exclusive().await;
+        Service::provision_with(endpoint, heartbeat_secs, lock, vec![url()], None).await
     }
 
     async fn provision_with(
         endpoint: &EndpointId,
         heartbeat_secs: u16,
         broker: BrokerLock,
+        urls: Vec<String>,
+        queue_type: Option<wire::QueueType>,
     ) -> Service {
         let conn = endpoint_wire::amqp::connect(
-            &endpoint_wire::BrokerUrl::new(url()).expect("test url"),
+            &endpoint_wire::BrokerUrl::new(urls[0].as_str()).expect("test url"),
             "test service provisioning",
         )
         .await
         .expect("test service connects");
-        service_setup::provision(&conn, endpoint, heartbeat_secs)
-            .await
-            .expect("provision");
+        match queue_type {
+            None => service_setup::provision(&conn, endpoint, heartbeat_secs).await,
+            Some(t) => {
+                service_setup::provision_typed(&conn, endpoint, heartbeat_secs, None, Some(t)).await
+            }
+        }
+        .expect("provision");
         let _ = conn.close(200, "provisioned".into()).await;
-        let (conn, submitter, channel, results) = open_service(endpoint)
+        // The service's results queue is replicated where the cluster's nodes are given.
+        let results_type = if urls.len() > 1 {
+            wire::QueueType::Quorum
+        } else {
+            wire::QueueType::Classic
+        };
+        let (conn, submitter, channel, results) = open_service(endpoint, &urls[0], results_type)
             .await
             .unwrap_or_else(|e| panic!("test service cannot open its connection: {e}"));
         Service {
@@ -432,6 +496,9 @@ impl Service {
             redelivered_to_service: 0,
             reconnects: 0,
             broker,
+            urls,
+            next_url: 0,
+            results_type,
         }
     }
 
@@ -440,7 +507,9 @@ impl Service {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            match open_service(&self.endpoint).await {
+            self.next_url += 1;
+            let url = &self.urls[self.next_url % self.urls.len()];
+            match open_service(&self.endpoint, url, self.results_type).await {
                 Ok((conn, submitter, channel, results)) => {
                     let old = std::mem::replace(&mut self.conn, conn);
                     let _ = tokio::time::timeout(Duration::from_secs(2), old.close(200, "".into()))

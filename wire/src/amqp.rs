@@ -51,12 +51,46 @@ pub async fn connect(url: &BrokerUrl, name: &str) -> Result<Connection, BrokerEr
     }
 }
 
+/// Opens a connection named `name` to the first of `urls` that accepts, trying them in the order given; returns
+/// it with the URL it went to, else the last URL's error (each failure is logged with its node).
+pub async fn connect_any(
+    urls: &[BrokerUrl],
+    name: &str,
+) -> Result<(Connection, BrokerUrl), BrokerError> {
+    let mut last = None;
+    for url in urls {
+        match connect(url, name).await {
+            Ok(conn) => return Ok((conn, url.clone())),
+            Err(e) => {
+                if urls.len() > 1 {
+                    tracing::warn!(node = %url.node(), error = %e, "cannot connect to this broker node; trying the next");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| BrokerError::Lost("no broker URL to connect to".into())))
+}
+
 /// Why a connection failed in its TLS handshake, if that is what happened.
 fn tls_failure(e: &lapin::Error) -> Option<String> {
     match e.kind() {
         lapin::ErrorKind::IOError(io) => crate::tls::explain(io.as_ref()),
         _ => None,
     }
+}
+
+/// Whether `e` is the broker's 404 for a durable queue whose node is down (a classic queue in a cluster): the
+/// queue exists and comes back with its node, so this is a lost link to retry, never "not provisioned".
+fn queue_node_down(e: &lapin::Error) -> bool {
+    soft_error(e) == Some(AMQPSoftError::NOTFOUND) && e.to_string().contains("down or inaccessible")
+}
+
+/// The error for a queue whose node is down (see [`queue_node_down`]).
+fn node_down(queue: &str, e: &lapin::Error) -> BrokerError {
+    BrokerError::Lost(format!(
+        "queue {queue} is unavailable: the broker node that holds it is down ({e}); it returns with that node"
+    ))
 }
 
 /// Depth and consumer count of `queue`, or `None` if it does not exist. Uses a channel of its own, because the
@@ -83,6 +117,7 @@ pub async fn queue_info(
             let _ = channel.close(200, "checked".into()).await;
             Ok(Some(q))
         }
+        Err(e) if queue_node_down(&e) => Err(node_down(queue, &e)),
         Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => Ok(None),
         Err(e) => Err(BrokerError::amqp(
             format!("while checking queue {queue}"),
@@ -113,6 +148,7 @@ pub async fn peek_all(conn: &Connection, queue: &str) -> Result<Option<Vec<Vec<u
                 bodies.push(msg.delivery.data);
             }
             Ok(None) => break,
+            Err(e) if queue_node_down(&e) => return Err(node_down(queue, &e)),
             Err(e) if soft_error(&e) == Some(AMQPSoftError::NOTFOUND) => return Ok(None),
             Err(e) => return Err(BrokerError::amqp(format!("while reading queue {queue}"), e)),
         }

@@ -21,4 +21,4 @@ pub use names::*;
 pub use payloads::*;
 pub use time::{now_ms, now_rfc3339, rfc3339_utc};
 pub use tls::{Tls, TlsError, TlsFiles};
-pub use url::{BrokerUrl, DEFAULT_BROKER_URL, UrlParts};
+pub use url::{BrokerUrl, DEFAULT_BROKER_URL, UrlParts, parse_broker_urls, random_order};

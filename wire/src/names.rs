@@ -24,6 +24,12 @@ pub const HEARTBEATS_EXCHANGE: &str = "heartbeats";
 /// tasks back into its own queue only (topic permissions), never into another endpoint's.
 pub const HANDBACK_EXCHANGE: &str = "handback";
 
+/// AMQP `type` of a probe: a message without `message_id` an agent waiting as a single active consumer (a
+/// quorum tasks queue) puts into its own tasks queue through [`HANDBACK_EXCHANGE`] to learn whether the broker
+/// now delivers to it (the broker does not tell a consumer that it became the active one). Whoever receives a
+/// probe acks and drops it; it never becomes a task or a result.
+pub const PROBE_TYPE: &str = "x-endpoint-agent-probe";
+
 /// Task header: a per-task timeout in milliseconds (an integer); it can only shorten the function's own.
 pub const HEADER_TIMEOUT_MS: &str = "x-timeout-ms";
 /// Result headers.

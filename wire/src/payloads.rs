@@ -72,8 +72,52 @@ pub struct Registration {
     /// `user_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_user: Option<String>,
+    /// The type of the tasks queue (`classic` when absent: registrations written before quorum queues). It tells
+    /// the agent how one consumer at a time is enforced: the exclusive-consumer flag on a classic queue, the
+    /// queue's single active consumer on a quorum queue (which ignores the exclusive flag).
+    #[serde(default)]
+    pub tasks_queue_type: QueueType,
     /// Milliseconds since the Unix epoch when this registration was written.
     pub provisioned_at_ms: u64,
+}
+
+/// The type of an endpoint's queues, chosen at provision (`service-setup provision --queue-type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// One node holds each queue: the fastest, and lost to the endpoint while that node is down (nothing is
+    /// lost with it: its messages are on that node's disk). One consumer at a time by the exclusive flag.
+    #[default]
+    Classic,
+    /// Raft-replicated over the cluster's nodes: available while a majority of them runs. One consumer at a
+    /// time by `x-single-active-consumer`.
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "classic" => Ok(QueueType::Classic),
+            "quorum" => Ok(QueueType::Quorum),
+            other => Err(format!("queue type {other:?}: use classic or quorum")),
+        }
+    }
 }
 
 impl Registration {
@@ -87,6 +131,7 @@ impl Registration {
             heartbeat_exchange: HEARTBEATS_EXCHANGE.to_owned(),
             heartbeat_queue: endpoint_id.heartbeat_queue(),
             endpoint_user: None,
+            tasks_queue_type: QueueType::Classic,
             endpoint_id,
             heartbeat_secs,
             provisioned_at_ms: now_ms,
@@ -172,6 +217,9 @@ pub struct Heartbeat {
     /// quiet: `<EP>.heartbeat.standby`), so a standby's beat never hides the active agent's.
     #[serde(default)]
     pub role: Role,
+    /// The broker node the agent is connected to (`host:port` of the URL it uses; absent from older agents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 /// Whether an agent consumes the endpoint's tasks.

@@ -1,6 +1,7 @@
 //! Broker URLs: parsed once ([`BrokerUrl::new`] refuses what the AMQP client cannot use), shown redacted
 //! (`Display` and `Debug` never print the password), taken apart for clients that speak AMQP themselves, and
-//! carrying the TLS material an `amqps://` URL is connected with.
+//! carrying the TLS material an `amqps://` URL is connected with; and lists of them, one per node of a cluster
+//! ([`parse_broker_urls`], tried in [`random_order`]).
 
 use crate::error::BrokerError;
 use crate::tls::Tls;
@@ -63,6 +64,12 @@ impl BrokerUrl {
         }
     }
 
+    /// The node this URL names, `host:port` (no credentials): what logs and status say an agent is connected to.
+    pub fn node(&self) -> String {
+        let parts = self.parts();
+        format!("{}:{}", parts.host, parts.port)
+    }
+
     /// This URL with `heartbeat=secs` added, unless the URL already sets a heartbeat (the operator's choice wins).
     pub fn with_heartbeat(&self, secs: u16) -> BrokerUrl {
         if self.0.contains("heartbeat=") {
@@ -71,6 +78,40 @@ impl BrokerUrl {
         let sep = if self.0.contains('?') { '&' } else { '?' };
         BrokerUrl(format!("{}{sep}heartbeat={secs}", self.0), self.1.clone())
     }
+}
+
+/// The broker URLs in `values`: each value one URL or several separated by commas (a comma inside a password
+/// is written `%2C`), in the order given. At least one is required; a bad one is refused (redacted).
+pub fn parse_broker_urls<S: AsRef<str>>(values: &[S]) -> Result<Vec<BrokerUrl>, BrokerError> {
+    let urls = values
+        .iter()
+        .flat_map(|v| v.as_ref().split(','))
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(BrokerUrl::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(BrokerError::BadUrl(
+            String::new(),
+            "no broker URL given: pass at least one amqp:// or amqps:// URL".into(),
+        ));
+    }
+    Ok(urls)
+}
+
+/// `urls` shuffled (a fresh random order at every call), so that many clients given the same list of a
+/// cluster's nodes spread over them instead of all connecting to the first.
+pub fn random_order(urls: &[BrokerUrl]) -> Vec<BrokerUrl> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = urls.to_vec();
+    let state = std::collections::hash_map::RandomState::new();
+    for i in (1..out.len()).rev() {
+        let mut h = state.build_hasher();
+        h.write_usize(i);
+        let j = (h.finish() % (i as u64 + 1)) as usize;
+        out.swap(i, j);
+    }
+    out
 }
 
 /// The pieces of a [`BrokerUrl`]; `password` is secret (never log it).
@@ -150,6 +191,30 @@ mod tests {
         );
         let url = BrokerUrl::new("amqp://h/%2f?heartbeat=9").unwrap();
         assert_eq!(url.with_heartbeat(5).expose(), "amqp://h/%2f?heartbeat=9");
+    }
+
+    #[test]
+    fn url_lists() {
+        let urls = parse_broker_urls(&[
+            "amqp://a:1@h1:5681/%2f, amqp://a:1@h2:5682/%2f",
+            "amqp://h3/%2f",
+        ])
+        .unwrap();
+        let nodes: Vec<_> = urls.iter().map(BrokerUrl::node).collect();
+        assert_eq!(nodes, ["h1:5681", "h2:5682", "h3:5672"]);
+        assert!(parse_broker_urls(&[" , "]).is_err());
+        let err = parse_broker_urls(&["amqp://h/%2f,http://u:secret@h"]).unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
+        // Every order is a permutation, and more than one order turns up.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let order: Vec<_> = random_order(&urls).iter().map(BrokerUrl::node).collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, ["h1:5681", "h2:5682", "h3:5672"]);
+            seen.insert(order);
+        }
+        assert!(seen.len() > 1, "{seen:?}");
     }
 
     #[test]

@@ -123,8 +123,9 @@ fn render_main(html: &mut String, s: &Snapshot) {
     let link = s.link.as_deref().unwrap_or("not recorded yet");
     let _ = write!(
         html,
-        "<div class=\"line\">broker link: <span id=\"link\">{}</span> · reconnects: <span id=\"reconnects\">{}</span></div>",
+        "<div class=\"line\">broker link: <span id=\"link\">{}</span> · node: <span id=\"node\">{}</span> · reconnects: <span id=\"reconnects\">{}</span></div>",
         escape(link),
+        escape(s.node.as_deref().unwrap_or("none yet")),
         s.reconnects
     );
     if let Some(b) = &s.publishing_blocked {
@@ -341,6 +342,7 @@ mod tests {
             ready_reason: "consuming".into(),
             broker_connected: true,
             link: Some("connected since T".into()),
+            node: Some("amqp://u:***@h:5672/%2f".into()),
             reconnects: 2,
             publishing_blocked: None,
             disk_full: None,

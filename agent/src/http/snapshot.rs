@@ -53,6 +53,8 @@ pub(super) struct Snapshot {
     pub broker_connected: bool,
     /// The broker link as last recorded (`connected since T`, `disconnected since T: why`, ...).
     pub link: Option<String>,
+    /// The broker node (URL, password redacted) in use, or last used.
+    pub node: Option<String>,
     pub reconnects: u64,
     pub publishing_blocked: Option<String>,
     pub disk_full: Option<String>,
@@ -246,6 +248,7 @@ impl App {
             ready_reason,
             broker_connected: self.metrics.broker_connected(),
             link: get(crate::meta::MetaKey::Link),
+            node: get(crate::meta::MetaKey::Node),
             reconnects: get(crate::meta::MetaKey::Reconnects)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),

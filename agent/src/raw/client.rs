@@ -135,6 +135,12 @@ impl RawConnection {
                 &long_string_value(v),
             ));
         }
+        // Without `consumer_cancel_notify` the broker never tells a consumer that its queue went away (deleted,
+        // or a classic queue whose node stopped): the consumer would wait for deliveries forever.
+        let capabilities = table_entry(b"consumer_cancel_notify", FIELD_BOOLEAN, &[1]);
+        let mut table = Vec::new();
+        long_str(&mut table, &capabilities);
+        client.extend(table_entry(b"capabilities", FIELD_TABLE, &table));
         let mut args = Vec::new();
         long_str(&mut args, &client);
         if parts.external {

@@ -127,6 +127,8 @@ pub const FIELD_BYTES: u8 = b'x';
 pub const FIELD_SIGNED_32: u8 = b'I';
 pub const FIELD_SIGNED_64: u8 = b'l';
 pub const FIELD_VOID: u8 = b'V';
+pub const FIELD_BOOLEAN: u8 = b't';
+pub const FIELD_TABLE: u8 = b'F';
 
 /// The properties of a message as raw bytes, so that any byte string can be sent (tests) or read (agent).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use super::publisher::Publisher;
 use crate::config::Config;
 use crate::raw::{FIELD_SIGNED_64, RawConnection, RawError, RawProperties, table_entry};
 use crate::store::{Reader, Store, StoreError};
-use endpoint_wire::amqp::connect;
+use endpoint_wire::amqp::connect_any;
 use endpoint_wire::registration::{RegistrationError, fetch_registration};
 use endpoint_wire::{BrokerError, HANDBACK_EXCHANGE, HEADER_TIMEOUT_MS};
 use std::sync::Arc;
@@ -60,10 +60,11 @@ pub(crate) async fn hand_back(
     store: &Store,
 ) -> Result<Handback, HandbackError> {
     let ep = &config.endpoint_id;
-    let url = config
-        .broker_url()
+    let urls = config
+        .ordered_broker_urls()
         .map_err(|e| HandbackError::Url(e.to_string()))?;
-    let conn = connect(&url, &format!("endpoint-agent {ep} handback")).await?;
+    let (conn, url) = connect_any(&urls, &format!("endpoint-agent {ep} handback")).await?;
+    tracing::info!(broker = %url, "connected to hand back");
     let reg = fetch_registration(&conn, ep).await;
     let reg = match reg {
         Ok(reg) => reg,

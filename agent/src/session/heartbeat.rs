@@ -31,6 +31,11 @@ pub(crate) struct Heartbeats {
     pub consuming: Arc<AtomicBool>,
     /// Who is beating.
     pub identity: Identity,
+    /// The broker node (`host:port`) of the current session; the link sets it at each connect.
+    pub node: std::sync::Mutex<String>,
+    /// Set while the subscriber waits as a consumer of a single-active-consumer queue: each tick then also
+    /// sends a probe into the tasks queue, which reaches this agent once the broker made it the active one.
+    pub waiting: Arc<AtomicBool>,
 }
 
 /// What tells this agent apart from any other beating for the endpoint.
@@ -81,8 +86,13 @@ impl Heartbeats {
         // An endpoint provisioned before standby beats had their own key: with an endpoint user, the broker
         // refuses that key and closes the channel. Then standby beats stop (said once) instead of the session.
         let (mut sent_standby, mut standby_refused) = (false, false);
+        let mut probes: Option<Channel> = None;
+        let mut probes_refused = false;
         loop {
             tick.tick().await;
+            if self.waiting.load(Ordering::Relaxed) && !probes_refused {
+                probes_refused = !self.probe(conn, &mut probes).await?;
+            }
             if !channel.status().connected() {
                 if !(sent_standby && conn.status().connected()) || standby_refused {
                     return Err(BrokerError::Lost("the heartbeat channel closed".into()));
@@ -105,6 +115,49 @@ impl Heartbeats {
             // Not confirmed: the next beat supersedes a lost one.
             let _confirm = self.publish_heartbeat(&channel, state, interval).await?;
         }
+    }
+
+    /// Puts a probe into the endpoint's tasks queue (through the hand-back exchange, which an endpoint's own
+    /// broker user may publish to with its own key) on a channel of its own. False if the broker refuses it
+    /// (an endpoint provisioned before hand-backs): then said once, and the agent learns it is active from its
+    /// first task instead.
+    async fn probe(
+        &self,
+        conn: &Connection,
+        channel: &mut Option<Channel>,
+    ) -> Result<bool, BrokerError> {
+        let ep = &self.config.endpoint_id;
+        if let Some(c) = channel.as_ref()
+            && !c.status().connected()
+        {
+            if !conn.status().connected() {
+                return Err(BrokerError::Lost("the connection closed".into()));
+            }
+            tracing::warn!(
+                exchange = wire::HANDBACK_EXCHANGE,
+                "the broker refuses this agent's probes (the endpoint was provisioned by an older service-setup): a standby learns it became the active consumer from its first task; run `service-setup provision` for the endpoint again"
+            );
+            *channel = None;
+            return Ok(false);
+        }
+        let c = match channel {
+            Some(c) => c,
+            None => channel.insert(
+                conn.create_channel()
+                    .await
+                    .map_err(|e| BrokerError::amqp("while opening the probe channel", e))?,
+            ),
+        };
+        c.basic_publish(
+            wire::HANDBACK_EXCHANGE.into(),
+            ep.tasks_queue().as_str().into(),
+            BasicPublishOptions::default(),
+            b"",
+            BasicProperties::default().with_type(wire::PROBE_TYPE.into()),
+        )
+        .await
+        .map_err(|e| BrokerError::amqp("while publishing a probe", e))?;
+        Ok(true)
     }
 
     /// Publishes the last heartbeat (`stopped`) and waits for the broker's confirm.
@@ -152,6 +205,7 @@ impl Heartbeats {
             pid: self.identity.pid,
             instance: self.identity.instance.clone(),
             role,
+            node: self.node.lock().expect("node lock").clone(),
         };
         let body = serde_json::to_vec(&beat).expect("a heartbeat always serializes");
         let ep = &self.config.endpoint_id;

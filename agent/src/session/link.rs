@@ -7,7 +7,7 @@
 use super::heartbeat::{Heartbeats, Identity};
 use super::publisher::Publisher;
 use super::subscriber::Subscriber;
-use crate::config::Config;
+use crate::config::{BrokerOrder, Config};
 use crate::limits::{CLOSE_TIMEOUT, STABLE_SESSION};
 use crate::meta::MetaKey;
 use crate::raw::{RawConnection, RawError};
@@ -84,6 +84,7 @@ impl Link {
         let mut backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
         let mut ever_registered = false;
         let blocked = watch::channel(None).0;
+        let waiting = Arc::new(AtomicBool::new(false));
         let parts = Parts {
             publisher: Publisher {
                 config: config.clone(),
@@ -99,19 +100,26 @@ impl Link {
                 workers: self.workers.clone(),
                 consuming: self.consuming.clone(),
                 identity: Identity::of_this_process(),
+                node: std::sync::Mutex::default(),
+                waiting: waiting.clone(),
             },
             subscriber: Subscriber {
                 config: config.clone(),
                 store: self.store.clone(),
                 state: self.state.clone(),
                 consuming: self.consuming.clone(),
+                waiting,
             },
             blocked,
         };
+        let mut nodes = Nodes::default();
+        // Refusals for good (not provisioned, bad credentials) before the first registration: with several
+        // nodes, each gets its say (one may have lost its copy of a classic queue) before the agent gives up.
+        let mut refused = 0;
         loop {
-            // Read at every attempt: a URL file may have been rewritten (a rotated password).
-            let url = match config.broker_url() {
-                Ok(url) => url,
+            // Read at every attempt: a URL file may have been rewritten (a rotated password, a new node).
+            let url = match config.broker_urls() {
+                Ok(urls) => nodes.current(urls, config.broker_order),
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::error!(error = %e, ?delay, "cannot read the broker URL; tasks on disk keep running; retrying");
@@ -129,16 +137,22 @@ impl Link {
             };
             let reg = match registered.await {
                 Ok(reg) => reg,
-                Err(e) if !ever_registered && !e.is_transient() => return Err(e),
+                Err(e) if !ever_registered && !e.is_transient() && refused + 1 >= nodes.len() => {
+                    return Err(e);
+                }
                 Err(e) => {
+                    if !e.is_transient() {
+                        refused += 1;
+                    }
                     let delay = backoff.next_delay();
                     if e.is_transient() {
-                        tracing::warn!(error = %e, ?delay, "broker unreachable; tasks on disk keep running; retrying");
+                        tracing::warn!(error = %e, broker = %url, ?delay, "broker unreachable; tasks on disk keep running; retrying");
                     } else {
-                        tracing::error!(error = %e, ?delay, "cannot register; tasks on disk keep running; retrying");
+                        tracing::error!(error = %e, broker = %url, ?delay, "cannot register; tasks on disk keep running; retrying");
                     }
                     self.note(format!("disconnected since {}: {e}", now_rfc3339()))
                         .await;
+                    nodes.advance();
                     tokio::time::sleep(delay).await;
                     continue;
                 }
@@ -158,7 +172,9 @@ impl Link {
                 SessionEnd::Drained => return Ok(()),
                 SessionEnd::Failed(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, ?delay, "lost the broker; tasks keep running, results wait on disk; reconnecting");
+                    // The next node (with several): this one may be the one that went away.
+                    nodes.advance();
+                    tracing::warn!(error = %e, broker = %url, ?delay, "lost the broker; tasks keep running, results wait on disk; reconnecting");
                     self.note(format!("disconnected since {}: {e}", now_rfc3339()))
                         .await;
                     tokio::time::sleep(delay).await;
@@ -211,8 +227,14 @@ impl Link {
             Err(e) => return SessionEnd::Failed(e),
         };
         tracing::info!(broker = %broker, tls = broker.is_tls(), "connected");
-        self.note(format!("connected since {}", now_rfc3339()))
-            .await;
+        self.store.record(MetaKey::Node, broker.to_string()).await;
+        *heartbeats.node.lock().expect("node lock") = broker.node();
+        self.note(format!(
+            "connected since {} to {}",
+            now_rfc3339(),
+            broker.node()
+        ))
+        .await;
         let sessions = self.sessions.fetch_add(1, Ordering::Relaxed);
         crate::http::metrics::session_opened(sessions);
         self.store
@@ -222,7 +244,10 @@ impl Link {
         // The intake owns the subscriber's connection: once intake stops it closes it at once, so what it held
         // unacked goes back to the broker (for a standby agent) while the publisher drains.
         let intake = async move {
-            match subscriber.run(&mut sub_conn, stop_intake).await {
+            match subscriber
+                .run(&mut sub_conn, stop_intake, reg.tasks_queue_type)
+                .await
+            {
                 Ok(()) => {
                     sub_conn.close().await;
                     std::future::pending().await
@@ -282,6 +307,39 @@ impl Link {
         let _ =
             tokio::time::timeout(CLOSE_TIMEOUT, pub_conn.close(200, "endpoint-agent".into())).await;
         end
+    }
+}
+
+/// Which of the broker's nodes to connect to: the URLs in the configured order, taken in turn; a new list (a
+/// rewritten URL file) starts a new order.
+#[derive(Default)]
+struct Nodes {
+    listed: Vec<BrokerUrl>,
+    order: Vec<BrokerUrl>,
+    next: usize,
+}
+
+impl Nodes {
+    /// The node to try now, given the URLs as configured now (at least one).
+    fn current(&mut self, urls: Vec<BrokerUrl>, order: BrokerOrder) -> BrokerUrl {
+        if urls != self.listed {
+            self.order = match order {
+                BrokerOrder::Random => endpoint_wire::random_order(&urls),
+                BrokerOrder::Listed => urls.clone(),
+            };
+            self.listed = urls;
+            self.next = 0;
+        }
+        self.order[self.next % self.order.len()].clone()
+    }
+
+    /// Moves on to the next node.
+    fn advance(&mut self) {
+        self.next = self.next.wrapping_add(1);
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
     }
 }
 

@@ -5,7 +5,10 @@
 //! fast as this takes deliveries and never holds a body over `max_body_bytes`, and a batch is bounded in
 //! bytes, so hostile input cannot fill memory; and it reads any bytes, so a message no library can parse is
 //! answered like any other. Above the local backlog it stops taking deliveries so the work stays in the
-//! broker. When another agent holds the queue it stands by and retries.
+//! broker. On a classic tasks queue (exclusive consumer), when another agent holds the queue it stands by and
+//! retries. On a quorum tasks queue (single active consumer) it registers as a consumer at once and the
+//! broker decides: it waits (standby) until the broker delivers to it, which proves it is the active one (an
+//! idle queue gets a probe from the heartbeat ticker, `PROBE_TYPE`, so the proof comes within a beat).
 
 use crate::config::Config;
 use crate::intake::{classify_raw, on_arrival};
@@ -17,7 +20,7 @@ use crate::raw::{RawConnection, RawError};
 use crate::retry::{self, Backoff};
 use crate::store::Store;
 use crate::task::Intake;
-use endpoint_wire::{AgentState, now_rfc3339};
+use endpoint_wire::{AgentState, PROBE_TYPE, QueueType, now_rfc3339};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
@@ -29,6 +32,9 @@ pub(crate) struct Subscriber {
     pub state: watch::Sender<AgentState>,
     /// Set while this agent holds the tasks consumer (heartbeats say `active`), cleared while it stands by.
     pub consuming: Arc<AtomicBool>,
+    /// Set while this agent is registered as a waiting consumer of a single-active-consumer queue (not yet
+    /// delivered to); the heartbeat ticker then sends probes.
+    pub waiting: Arc<AtomicBool>,
 }
 
 /// What ended a subscriber's work on its connection.
@@ -37,13 +43,50 @@ pub(crate) type Ended = Result<(), RawError>;
 impl Subscriber {
     /// Consumes until `stop` (returns Ok; what was not acked goes back to the broker when the connection
     /// closes) or until the connection fails (returns the error; the caller reconnects).
-    pub async fn run(&self, conn: &mut RawConnection, stop: &CancellationToken) -> Ended {
+    pub async fn run(
+        &self,
+        conn: &mut RawConnection,
+        stop: &CancellationToken,
+        queue_type: QueueType,
+    ) -> Ended {
+        let ended = self.run_on(conn, stop, queue_type).await;
+        self.waiting.store(false, Ordering::Relaxed);
+        ended
+    }
+
+    async fn run_on(
+        &self,
+        conn: &mut RawConnection,
+        stop: &CancellationToken,
+        queue_type: QueueType,
+    ) -> Ended {
         let queue = self.config.endpoint_id.tasks_queue();
+        // A quorum queue ignores the exclusive flag: there its single active consumer keeps one agent at a time.
+        let single_active = queue_type == QueueType::Quorum;
         let tag = format!("endpoint-agent-{}", std::process::id());
         let mut standby = Backoff::new(STANDBY_RETRY_MIN, STANDBY_RETRY_MAX);
         let mut standing_by = false;
         while !stop.is_cancelled() {
-            match conn.consume(&queue, &tag, self.config.prefetch, true).await {
+            match conn
+                .consume(&queue, &tag, self.config.prefetch, !single_active)
+                .await
+            {
+                Ok(()) if single_active => {
+                    tracing::info!(queue = %queue, prefetch = self.config.prefetch, "registered as a consumer of the tasks queue (single active consumer): standing by until the broker delivers to this agent");
+                    self.store
+                        .record(
+                            MetaKey::Link,
+                            format!(
+                                "standby since {}: registered as a consumer of {queue}, waiting for the broker to make it the active one",
+                                now_rfc3339()
+                            ),
+                        )
+                        .await;
+                    self.consuming.store(false, Ordering::Relaxed);
+                    self.waiting.store(true, Ordering::Relaxed);
+                    self.state.send_replace(AgentState::Standby);
+                    return self.consume(conn, stop).await;
+                }
                 Ok(()) => {
                     if standing_by {
                         tracing::info!(queue = %queue, "the other agent went away: taking over the tasks queue");
@@ -123,20 +166,39 @@ impl Subscriber {
                 .last()
                 .map(|d| d.delivery_tag)
                 .expect("batch holds at least the first delivery");
+            if self.waiting.swap(false, Ordering::Relaxed) {
+                self.became_active().await;
+            }
             let received = batch.len();
             let intake: Vec<Intake> = batch
                 .into_iter()
+                .filter(|d| d.properties.kind.as_deref() != Some(PROBE_TYPE.as_bytes()))
                 .filter_map(|d| {
                     let redelivered = d.redelivered;
                     classify_raw(&self.config, d).map(|i| on_arrival(&self.config, i, redelivered))
                 })
                 .collect();
-            if !self.commit(intake, &mut retry, stop).await {
+            if !intake.is_empty() && !self.commit(intake, &mut retry, stop).await {
                 return Ok(());
             }
             conn.ack_up_to(last_tag).await?;
             crate::http::metrics::deliveries_acked(arrived, received);
         }
+    }
+
+    /// The broker delivered to this waiting consumer of a single-active-consumer queue: it is the active one.
+    async fn became_active(&self) {
+        tracing::info!(
+            "the broker made this agent the tasks queue's active consumer: taking tasks"
+        );
+        self.store
+            .record(
+                MetaKey::Link,
+                format!("connected since {} (the active consumer)", now_rfc3339()),
+            )
+            .await;
+        self.consuming.store(true, Ordering::Relaxed);
+        self.state.send_replace(AgentState::Running);
     }
 
     /// Commits received tasks, retrying with backoff until it works (a full disk); nothing may be acked before.
