@@ -189,6 +189,44 @@ async fn a_standby_on_another_node_takes_over_when_the_active_agent_is_killed() 
     all.extend(second.iter().cloned());
     service.assert_all_ok(&all);
     assert_eq!(local_status(&data_b)["tasks_done"], 500);
+
+    // A service's own results queue, replicated too: its client makes it quorum on the cluster's nodes.
+    let urls: Vec<_> = c
+        .urls_from(0)
+        .iter()
+        .map(|u| endpoint_wire::BrokerUrl::new(u.as_str()).expect("url"))
+        .collect();
+    let name = service_setup::ServiceName::new(format!("svc-{}", std::process::id())).unwrap();
+    let mut options = service_setup::ClientOptions::new(name.clone());
+    options.queue_type = QueueType::Quorum;
+    let client = service_setup::Client::connect(&urls, options)
+        .await
+        .expect("client");
+    let r = client
+        .call(&ep, "echo", b"via a quorum service queue".to_vec(), WAIT)
+        .await
+        .expect("call");
+    assert_eq!(r.body, b"via a quorum service queue");
+    client.close().await;
+    let listed = test_support::cluster::ctl(
+        0,
+        &[
+            "list_queues",
+            "-p",
+            &c.vhost,
+            "name",
+            "type",
+            "--quiet",
+            "--no-table-headers",
+        ],
+    )
+    .expect("list_queues");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&name.results_queue()) && l.contains("quorum")),
+        "{listed}"
+    );
     assert_eq!(b.terminate(Duration::from_secs(60)), Some(0));
 }
 

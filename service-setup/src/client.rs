@@ -19,8 +19,9 @@ use crate::results::ResultRecord;
 use crate::status::{Liveness, endpoint_status};
 use crate::submit::{Submitter, TaskSpec, new_task_id};
 use crate::topology::registration_of;
+use endpoint_wire::amqp::queue_info;
 use endpoint_wire::{
-    AgentState, Backoff, BrokerUrl, EndpointId, Heartbeat, RESULTS_EXCHANGE, ServiceName,
+    AgentState, Backoff, BrokerUrl, EndpointId, Heartbeat, QueueType, RESULTS_EXCHANGE, ServiceName,
 };
 use futures_lite::StreamExt;
 use lapin::Acker;
@@ -67,6 +68,10 @@ pub struct ClientOptions {
     /// client reads no further results, so calls wait too (a warning says so): a service that makes calls and
     /// never reads unclaimed results should set this. `true`: it is acked and dropped, with a warning.
     pub drop_unclaimed: bool,
+    /// The type of the service's results queue when this client makes it: `Classic` (the default) on a single
+    /// broker; `Quorum` on a cluster, so the service's results stay available through the loss of a node. A
+    /// queue that exists already is used as it is (a queue cannot change type).
+    pub queue_type: QueueType,
 }
 
 impl ClientOptions {
@@ -78,6 +83,7 @@ impl ClientOptions {
             prefetch: DEFAULT_PREFETCH,
             queue_expires: None,
             drop_unclaimed: false,
+            queue_type: QueueType::Classic,
         }
     }
 }
@@ -547,27 +553,38 @@ impl Drop for Call {
     }
 }
 
-/// Declares `service`'s durable results queue (`service.<SERVICE>.results`, with `x-expires` when `expires` is
-/// given) and binds it to the `results` exchange with `*.results.<SERVICE>`. Idempotent. A client does this
-/// itself; it is for tools that submit with a service name before its client ever ran.
+/// Declares `service`'s durable results queue (`service.<SERVICE>.results`, classic, with `x-expires` when
+/// `expires` is given; one that exists is used as it is) and binds it to the `results` exchange with
+/// `*.results.<SERVICE>`. Idempotent. A client does this itself; it is for tools that submit with a service
+/// name before its client ever ran.
 pub async fn declare_service_queue(
     conn: &Connection,
     service: &ServiceName,
     expires: Option<Duration>,
 ) -> Result<(), SetupError> {
+    let exists = queue_info(conn, &service.results_queue()).await?.is_some();
     let channel = open_channel(conn, "declare a service's results queue").await?;
-    let declared = declare_on(&channel, service, expires).await;
+    let declared = declare_on(&channel, service, expires, QueueType::Classic, exists).await;
     close_channel(&channel).await;
     declared
 }
 
+/// `exists`: the queue is there already and is only bound (a declare with other arguments would be refused).
 async fn declare_on(
     channel: &lapin::Channel,
     service: &ServiceName,
     expires: Option<Duration>,
+    queue_type: QueueType,
+    exists: bool,
 ) -> Result<(), SetupError> {
     let queue = service.results_queue();
     let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.as_str().into()),
+        );
+    }
     if let Some(expires) = expires {
         let ms = i64::try_from(expires.as_millis())
             .unwrap_or(i64::MAX)
@@ -575,7 +592,9 @@ async fn declare_on(
         args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
     }
     declare_exchange(channel, RESULTS_EXCHANGE, ExchangeKind::Topic).await?;
-    declare_queue(channel, &queue, args).await?;
+    if !exists {
+        declare_queue(channel, &queue, args).await?;
+    }
     bind(
         channel,
         &queue,
@@ -651,7 +670,15 @@ impl Inner {
         let channel = open_channel(&conn, "consume the service's results").await?;
         let service = &self.options.service;
         let queue = service.results_queue();
-        declare_on(&channel, service, self.options.queue_expires).await?;
+        let exists = queue_info(&conn, &queue).await?.is_some();
+        declare_on(
+            &channel,
+            service,
+            self.options.queue_expires,
+            self.options.queue_type,
+            exists,
+        )
+        .await?;
         channel
             .basic_qos(self.options.prefetch, BasicQosOptions::default())
             .await
