@@ -22,10 +22,7 @@ fn agent_on(ep: &EndpointId, data: &Path, first: usize) -> Agent {
 
 /// The cluster node the agent on `data` is connected to (from `endpoint-agent status`).
 fn node_of(data: &Path) -> Option<usize> {
-    let node = local_status(data)["node"].as_str()?.to_owned();
-    let hostport = node.split('@').nth(1)?.split('/').next()?;
-    let port: u16 = hostport.rsplit(':').next()?.parse().ok()?;
-    cluster().node_of_port(port)
+    cluster().node_of_port(status_node_port(data)?)
 }
 
 async fn wait_node(data: &Path, node: usize) {
@@ -44,23 +41,6 @@ fn connected(data: &Path) -> bool {
     local_status(data)["link"]
         .as_str()
         .is_some_and(|l| l.starts_with("connected"))
-}
-
-async fn wait_active(data: &Path) -> Duration {
-    let start = Instant::now();
-    let s = wait_status(data, Duration::from_secs(60), |s| {
-        s["link"]
-            .as_str()
-            .is_some_and(|l| l.contains("the active consumer"))
-    })
-    .await;
-    assert!(
-        s["link"]
-            .as_str()
-            .is_some_and(|l| l.contains("the active consumer")),
-        "{s}"
-    );
-    start.elapsed()
 }
 
 fn echoes(label: &str, n: usize) -> Vec<service_setup::TaskSpec> {
@@ -161,7 +141,7 @@ async fn a_standby_on_another_node_takes_over_when_the_active_agent_is_killed() 
     let mut service = Service::provision_on(c.urls_from(2), &ep, 1, QueueType::Quorum).await;
     let (data_a, data_b) = (dir.0.join("a"), dir.0.join("b"));
     let a = agent_on(&ep, &data_a, 0);
-    wait_active(&data_a).await;
+    wait_active_consumer(&data_a, Duration::from_secs(60)).await;
     let b = agent_on(&ep, &data_b, 1);
     wait_node(&data_b, 1).await;
     assert_eq!(node_of(&data_a), Some(0));
@@ -181,7 +161,7 @@ async fn a_standby_on_another_node_takes_over_when_the_active_agent_is_killed() 
     );
 
     a.kill9();
-    let took = wait_active(&data_b).await;
+    let took = wait_active_consumer(&data_b, Duration::from_secs(60)).await;
     eprintln!("the standby on another node was the active consumer {took:?} after the SIGKILL");
     let second = service.submit(echoes("second", 500)).await;
     service.await_results(&second, WAIT, &[&b]).await;

@@ -20,12 +20,7 @@ fn agent_cli(args: &[&str], data: &Path) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    output_text(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

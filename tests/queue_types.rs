@@ -7,7 +7,7 @@
 use endpoint_wire::QueueType;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use test_support::proxy::{Mode, Proxy};
 use test_support::*;
 
@@ -20,24 +20,6 @@ fn link(data: &Path) -> String {
         .to_owned()
 }
 
-/// Waits until the agent on `data` says it is the queue's active consumer; returns how long that took.
-async fn wait_active(data: &Path, limit: Duration) -> Duration {
-    let start = Instant::now();
-    let s = wait_status(data, limit, |s| {
-        s["link"]
-            .as_str()
-            .is_some_and(|l| l.contains("the active consumer"))
-    })
-    .await;
-    assert!(
-        s["link"]
-            .as_str()
-            .is_some_and(|l| l.contains("the active consumer")),
-        "not the active consumer after {limit:?}: {s}"
-    );
-    start.elapsed()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_queue_has_one_active_agent_and_a_standby_takes_over_on_kill() {
     let ep = unique_endpoint("sac");
@@ -46,7 +28,7 @@ async fn quorum_queue_has_one_active_agent_and_a_standby_takes_over_on_kill() {
     let (data_a, data_b) = (dir.0.join("a"), dir.0.join("b"));
     let a = Agent::start(&AgentOptions::new(&ep, &data_a));
     // Nothing queued: the probe tells A it is the active consumer.
-    wait_active(&data_a, Duration::from_secs(30)).await;
+    wait_active_consumer(&data_a, Duration::from_secs(30)).await;
     let b = Agent::start(&AgentOptions::new(&ep, &data_b));
     wait_status(&data_b, Duration::from_secs(30), |s| {
         s["link"]
@@ -79,7 +61,7 @@ async fn quorum_queue_has_one_active_agent_and_a_standby_takes_over_on_kill() {
 
     // The active agent dies: the broker moves the queue to B at once; B learns it from its probe.
     a.kill9();
-    let took = wait_active(&data_b, Duration::from_secs(30)).await;
+    let took = wait_active_consumer(&data_b, Duration::from_secs(30)).await;
     eprintln!("the standby knew it was the active consumer {took:?} after the SIGKILL");
     let second = service
         .submit((0..300).map(|i| echo(&format!("second {i}"))).collect())
@@ -101,12 +83,7 @@ fn service_setup_cli(urls: &str, args: &[&str]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    output_text(out)
 }
 
 /// `name type arguments` of the vhost's queues of `ep`.
@@ -212,7 +189,7 @@ async fn provision_makes_quorum_queues_and_refuses_to_change_a_queue_type() {
         "listed".into(),
     ];
     let agent = Agent::start(&opts);
-    wait_active(&opts.data_dir, Duration::from_secs(30)).await;
+    wait_active_consumer(&opts.data_dir, Duration::from_secs(30)).await;
     let mut service = Service::provision_typed(&ep, 1, QueueType::Quorum).await;
     let ids = service
         .submit((0..50).map(|i| echo(&format!("own user {i}"))).collect())
@@ -224,13 +201,6 @@ async fn provision_makes_quorum_queues_and_refuses_to_change_a_queue_type() {
         Some(format!("endpoint-{ep}").as_str())
     );
     assert_eq!(agent.terminate(Duration::from_secs(30)), Some(0));
-}
-
-/// The port of the broker node the agent on `data` says it uses.
-fn node_port(data: &Path) -> Option<u16> {
-    let node = local_status(data)["node"].as_str()?.to_owned();
-    let hostport = node.split('@').nth(1)?.split('/').next()?;
-    hostport.rsplit(':').next()?.parse().ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,7 +223,12 @@ async fn an_agent_with_several_urls_moves_on_to_the_next_when_its_link_is_cut() 
         .submit((0..200).map(|i| echo(&format!("one {i}"))).collect())
         .await;
     service.await_results(&ids, WAIT, &[&agent]).await;
-    assert_eq!(node_port(&data), Some(port(&p1)), "{}", local_status(&data));
+    assert_eq!(
+        status_node_port(&data),
+        Some(port(&p1)),
+        "{}",
+        local_status(&data)
+    );
 
     // The first node goes away for good: the agent moves on to the next one and goes on.
     p1.set_mode(Mode::Cut);
@@ -266,7 +241,7 @@ async fn an_agent_with_several_urls_moves_on_to_the_next_when_its_link_is_cut() 
                 .is_some_and(|l| l.starts_with("connected"))
     })
     .await;
-    assert_eq!(node_port(&data), Some(port(&p2)), "{s}");
+    assert_eq!(status_node_port(&data), Some(port(&p2)), "{s}");
     let more = service
         .submit((0..200).map(|i| echo(&format!("two {i}"))).collect())
         .await;

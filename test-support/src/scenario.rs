@@ -1000,6 +1000,38 @@ pub async fn wait_running(data_dir: &Path, n: u64) {
     .await;
 }
 
+/// Waits (up to `limit`) until the agent on `data_dir` says it is its tasks queue's active consumer (a quorum
+/// queue's single active consumer: the broker delivered to it, a task or its probe); panics if it does not.
+/// Returns how long that took.
+pub async fn wait_active_consumer(data_dir: &Path, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let active = |s: &serde_json::Value| {
+        s["link"]
+            .as_str()
+            .is_some_and(|l| l.contains("the active consumer"))
+    };
+    let s = wait_status(data_dir, limit, active).await;
+    assert!(active(&s), "not the active consumer after {limit:?}: {s}");
+    start.elapsed()
+}
+
+/// The port of the broker node the agent on `data_dir` says it uses (`endpoint-agent status`'s `node`).
+pub fn status_node_port(data_dir: &Path) -> Option<u16> {
+    let node = local_status(data_dir)["node"].as_str()?.to_owned();
+    let hostport = node.split('@').nth(1)?.split('/').next()?;
+    hostport.rsplit(':').next()?.parse().ok()
+}
+
+/// A finished command's exit code, stdout and stderr, for assertion messages.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Runs `endpoint-agent status --data-dir DIR --json` and parses it.
 pub fn local_status(data_dir: &Path) -> serde_json::Value {
     // A freshly started agent may not have created its database yet.
