@@ -447,12 +447,6 @@ async fn dispatch(
             let queue_type = queue_type
                 .map(|t| t.parse::<QueueType>().map_err(anyhow::Error::msg))
                 .transpose()?;
-            if queue_type != Some(QueueType::Quorum) && urls.len() > 1 {
-                tracing::warn!(
-                    nodes = urls.len(),
-                    "several broker URLs were given (a cluster?) but the endpoint's queues are not made quorum: a classic tasks queue lives on one node and the endpoint waits while that node is down; pass --queue-type quorum to replicate them"
-                );
-            }
             let reg = match &credentials {
                 None => {
                     let user = service_setup::endpoint_user_of(conn, &ep).await?;
@@ -481,6 +475,12 @@ async fn dispatch(
                 }
             }
             .with_context(|| format!("while provisioning endpoint {ep}"))?;
+            if reg.tasks_queue_type == QueueType::Classic && urls.len() > 1 {
+                tracing::warn!(
+                    nodes = urls.len(),
+                    "several broker URLs were given (a cluster?) but the endpoint's queues are classic: a classic tasks queue lives on one node and the endpoint waits while that node is down; to replicate them, deprovision and provision with --queue-type quorum"
+                );
+            }
             if json {
                 let text =
                     serde_json::to_string(&reg).context("while encoding the registration")?;
