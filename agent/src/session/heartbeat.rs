@@ -36,6 +36,8 @@ pub(crate) struct Heartbeats {
     /// Set while the subscriber waits as a consumer of a single-active-consumer queue: each tick then also
     /// sends a probe into the tasks queue, which reaches this agent once the broker made it the active one.
     pub waiting: Arc<AtomicBool>,
+    /// Notified by the subscriber when it starts waiting: the first probe goes at once, not a beat later.
+    pub probe_now: Arc<tokio::sync::Notify>,
 }
 
 /// What tells this agent apart from any other beating for the endpoint.
@@ -89,9 +91,15 @@ impl Heartbeats {
         let mut probes: Option<Channel> = None;
         let mut probes_refused = false;
         loop {
-            tick.tick().await;
+            let probe_only = tokio::select! {
+                _ = tick.tick() => false,
+                _ = self.probe_now.notified() => true,
+            };
             if self.waiting.load(Ordering::Relaxed) && !probes_refused {
                 probes_refused = !self.probe(conn, &mut probes).await?;
+            }
+            if probe_only {
+                continue;
             }
             if !channel.status().connected() {
                 if !(sent_standby && conn.status().connected()) || standby_refused {

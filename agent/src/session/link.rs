@@ -85,6 +85,7 @@ impl Link {
         let mut ever_registered = false;
         let blocked = watch::channel(None).0;
         let waiting = Arc::new(AtomicBool::new(false));
+        let probe_now = Arc::new(tokio::sync::Notify::new());
         let parts = Parts {
             publisher: Publisher {
                 config: config.clone(),
@@ -102,6 +103,7 @@ impl Link {
                 identity: Identity::of_this_process(),
                 node: std::sync::Mutex::default(),
                 waiting: waiting.clone(),
+                probe_now: probe_now.clone(),
             },
             subscriber: Subscriber {
                 config: config.clone(),
@@ -109,6 +111,7 @@ impl Link {
                 state: self.state.clone(),
                 consuming: self.consuming.clone(),
                 waiting,
+                probe_now,
             },
             blocked,
         };

@@ -8,7 +8,7 @@
 //! broker. On a classic tasks queue (exclusive consumer), when another agent holds the queue it stands by and
 //! retries. On a quorum tasks queue (single active consumer) it registers as a consumer at once and the
 //! broker decides: it waits (standby) until the broker delivers to it, which proves it is the active one (an
-//! idle queue gets a probe from the heartbeat ticker, `PROBE_TYPE`, so the proof comes within a beat).
+//! idle queue gets a probe from the heartbeat ticker, `PROBE_TYPE`, at once and then every beat).
 
 use crate::config::Config;
 use crate::intake::{classify_raw, on_arrival};
@@ -35,6 +35,8 @@ pub(crate) struct Subscriber {
     /// Set while this agent is registered as a waiting consumer of a single-active-consumer queue (not yet
     /// delivered to); the heartbeat ticker then sends probes.
     pub waiting: Arc<AtomicBool>,
+    /// Wakes the heartbeat ticker to send its first probe as soon as this agent waits.
+    pub probe_now: Arc<tokio::sync::Notify>,
 }
 
 /// What ended a subscriber's work on its connection.
@@ -84,6 +86,7 @@ impl Subscriber {
                         .await;
                     self.consuming.store(false, Ordering::Relaxed);
                     self.waiting.store(true, Ordering::Relaxed);
+                    self.probe_now.notify_one();
                     self.state.send_replace(AgentState::Standby);
                     return self.consume(conn, stop).await;
                 }
