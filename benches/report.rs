@@ -130,6 +130,8 @@ pub struct Row {
     pub library: bool,
     /// Whether the endpoint's tasks queue is a quorum queue (single active consumer) instead of a classic one.
     pub quorum: bool,
+    /// Whether the row ran beside a process keeping one core busy (`--busy`), raw and agent alike.
+    pub busy: bool,
     pub raw: Vec<Sample>,
     /// The agent running the built-in `echo`.
     pub agent: Vec<Sample>,
@@ -158,6 +160,7 @@ impl Row {
             python: false,
             library: false,
             quorum: false,
+            busy: false,
             raw: vec![],
             agent: vec![],
             pool: vec![],
@@ -175,11 +178,12 @@ impl Row {
 
     pub fn label(&self) -> String {
         format!(
-            "{} {} ep={}{}",
+            "{} {} ep={}{}{}",
             payload_label(self.payload),
             self.pattern(),
             self.endpoints,
-            if self.quorum { " quorum" } else { "" }
+            if self.quorum { " quorum" } else { "" },
+            if self.busy { " busy" } else { "" }
         )
     }
 
@@ -190,6 +194,7 @@ impl Row {
             "payload_bytes": self.payload, "pattern": self.pattern(), "rate_per_s": self.rate,
             "endpoints": self.endpoints,
             "tasks_queue": if self.quorum { "quorum" } else { "classic" },
+            "busy": self.busy,
             "raw": mode(&self.raw),
             "agent": mode(&self.agent),
             "agent_over_raw": {

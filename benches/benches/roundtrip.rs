@@ -51,6 +51,7 @@ use test_support::build::{Profile, agent_binary};
   cargo bench -p benches -- --only-payloads 100 --only-endpoints 1 --reps 5
   cargo bench -p benches -- --skip-matrix     only the backlog drain and the replay
   cargo bench -p benches -- --http            quick run, every agent serving HTTP (compare with a run without)
+  cargo bench -p benches -- --busy            every row idle and again beside a busy core
   cargo bench -p benches -- --skip-matrix --skip-backlog --skip-replay   nothing but the warm-up
   cargo bench -p benches -- --only-payloads 100 --only-endpoints 1 --only-rates 500 --skip-python --skip-calls
                                               the classic and quorum 100 B rows only
@@ -103,6 +104,11 @@ struct Args {
     /// Skip the quorum rows (100 B full blast and the lowest rate with a quorum tasks queue, single node).
     #[arg(long)]
     skip_quorum: bool,
+    /// Measure every row twice: idle, and busy, beside a process that keeps one core busy (`sh -c 'while :;
+    /// do :; done'` at normal priority, started before and stopped after each busy run, raw and agent alike):
+    /// the contended case users see on shared hosts. Busy rows leave out the Python and `call` modes.
+    #[arg(long)]
+    busy: bool,
     /// Concurrent callers in the full-blast `call` row (each calls again as soon as its call returns).
     #[arg(long, default_value_t = 64)]
     callers: usize,
@@ -143,6 +149,8 @@ struct Plan {
     calls: bool,
     /// Whether the quorum rows run.
     quorum: bool,
+    /// Whether every row also runs busy (`--busy`).
+    busy: bool,
     callers: usize,
 }
 
@@ -168,6 +176,7 @@ impl Plan {
             python: !a.skip_python && agent::python_available(),
             calls: !a.skip_calls,
             quorum: !a.skip_quorum,
+            busy: a.busy,
             callers: a.callers.max(1),
         };
         if !a.skip_python && !plan.python {
@@ -231,6 +240,18 @@ impl Plan {
                 r.quorum = true;
                 rows.push(r);
             }
+        }
+        // Each row again beside a busy core, right after its idle twin (so drift hits both alike).
+        if self.busy {
+            rows = rows
+                .into_iter()
+                .flat_map(|idle| {
+                    let mut busy = row(idle.payload, idle.rate, idle.endpoints);
+                    busy.quorum = idle.quorum;
+                    busy.busy = true;
+                    [idle, busy]
+                })
+                .collect();
         }
         rows
     }
@@ -437,6 +458,12 @@ impl Bench {
         label: &str,
     ) -> Result<Sample> {
         let eps = self.endpoints(row.endpoints, row.quorum).await?;
+        // Started before the mode's processes and stopped (dropped) after them: the same load for raw and agent.
+        let _load = if row.busy {
+            Some(Spinner::start()?)
+        } else {
+            None
+        };
         let run = self.run_id();
         let state = RunState::new(run, tasks)?;
         self.service.begin(&state);
@@ -1061,6 +1088,30 @@ async fn measure_all(bench: &mut Bench, plan: &Plan, args: &Args, out: &Path) ->
     Ok(())
 }
 
+/// A process that keeps one core busy for the `--busy` rows: a shell loop at normal priority, killed when
+/// dropped.
+struct Spinner(std::process::Child);
+
+impl Spinner {
+    fn start() -> Result<Spinner> {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("while starting the --busy load (sh -c 'while :; do :; done')")?;
+        Ok(Spinner(child))
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The targets, stated as met or missed (never asserted).
 fn targets(rows: &[Row], backlog: &Value, callers: usize) -> Vec<String> {
     let mut out = Vec::new();
@@ -1152,6 +1203,49 @@ fn targets(rows: &[Row], backlog: &Value, callers: usize) -> Vec<String> {
         out.push(format!(
             "agent CPU per 1,000 tasks (100 B blast, 1 endpoint) = {cpu:.3} s (stated)"
         ));
+    }
+    // Tail latency and large payloads, idle and (with --busy) beside a busy core.
+    for busy in [false, true] {
+        let when = if busy { "busy" } else { "idle" };
+        let at = |payload: usize, rate: Option<f64>| {
+            rows.iter().find(|r| {
+                r.payload == payload
+                    && r.endpoints == 1
+                    && r.rate == rate
+                    && !r.quorum
+                    && r.busy == busy
+            })
+        };
+        if let Some(r) = at(100, Some(500.0)) {
+            let (raw, agent) = (Medians::of(&r.raw), Medians::of(&r.agent));
+            let (d50, d99) = (agent.p50_ms - raw.p50_ms, agent.p99_ms - raw.p99_ms);
+            out.push(format!(
+                "{when}: paced 500/s 100 B agent - raw p50 = {d50:.2} ms (<= 0.5 ms): {}; p99 = {d99:.2} ms (<= 2 ms): {}",
+                verdict(d50 <= 0.5),
+                verdict(d99 <= 2.0)
+            ));
+        }
+        if let Some(r) = at(100, None) {
+            let ratio = Medians::of(&r.agent).tasks_per_s / Medians::of(&r.raw).tasks_per_s;
+            out.push(format!(
+                "{when}: full-blast 100 B agent/raw = {ratio:.3} (>= 1.0): {}",
+                verdict(ratio >= 1.0)
+            ));
+        }
+        if let Some(r) = at(65536, None) {
+            let ratio = Medians::of(&r.agent).tasks_per_s / Medians::of(&r.raw).tasks_per_s;
+            out.push(format!(
+                "{when}: full-blast 64 KiB agent/raw = {ratio:.3} (>= 0.8): {}",
+                verdict(ratio >= 0.8)
+            ));
+        }
+        if let Some(r) = at(65536, Some(2000.0)) {
+            let kept = Medians::of(&r.agent).tasks_per_s / 2000.0;
+            out.push(format!(
+                "{when}: 64 KiB at 2,000/s agent keeps up = {kept:.3} of the offered rate (>= 0.95): {}",
+                verdict(kept >= 0.95)
+            ));
+        }
     }
     // The cost of a quorum tasks queue, from the same run (stated, no target).
     if let (Some(c), Some(q)) = (find(None), find_in(None, true)) {
