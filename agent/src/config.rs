@@ -726,6 +726,39 @@ mod tests {
     }
 
     #[test]
+    fn broker_lists_and_their_order() {
+        let c = check("", Ok(())).unwrap();
+        assert_eq!(c.broker_order, BrokerOrder::Random);
+        let c = check("broker_order = \"listed\"", Ok(())).unwrap();
+        assert_eq!(c.broker_order, BrokerOrder::Listed);
+        assert_eq!(c.ordered_broker_urls().unwrap()[0].node(), "h:5672");
+        check("broker_order = \"first\"", Err("unknown variant"));
+        // A URL file: every non-empty line, each a URL or a comma-separated list.
+        let dir = std::env::temp_dir().join(format!("ea-urls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("urls");
+        std::fs::write(
+            &file,
+            "amqp://u:p@n1:5681/%2f,amqp://u:p@n2:5682/%2f\n\namqp://u:p@n3:5683/%2f\n",
+        )
+        .unwrap();
+        let nodes: Vec<_> = read_url_file(&file)
+            .unwrap()
+            .iter()
+            .map(BrokerUrl::node)
+            .collect();
+        assert_eq!(nodes, ["n1:5681", "n2:5682", "n3:5683"]);
+        std::fs::write(&file, "\n \n").unwrap();
+        assert!(
+            read_url_file(&file)
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn file_settings() {
         let c = check("", Ok(())).unwrap();
         assert_eq!(c.max_attempts, 3);

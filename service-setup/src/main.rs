@@ -418,7 +418,7 @@ async fn run(command: Command, urls: Vec<BrokerUrl>) -> anyhow::Result<()> {
     // The connect error already says what to check (credentials, or whether the broker runs).
     let (conn, url) = service_setup::connect_any(&urls).await?;
     tracing::debug!(node = %url.node(), "connected");
-    // The node connected to first, then the others: what a command that connects again (call) tries.
+    // The node connected to first, then the others (the endpoint user's URL file lists them in this order).
     let mut urls: Vec<BrokerUrl> = urls.into_iter().filter(|u| *u != url).collect();
     urls.insert(0, url);
     let outcome = dispatch(command, &conn, &urls).await;
