@@ -251,6 +251,19 @@ async fn a_classic_tasks_queue_waits_for_its_node_and_loses_nothing() {
         "no task arrives while its queue's node is down"
     );
     eprintln!("classic queue's node down: the endpoint waits at {done} of 300 done");
+    // A task submitted meanwhile is refused, naming the down node (not "not provisioned"), never dropped.
+    let out = std::process::Command::new(service_setup_binary())
+        .args(["submit", "--endpoint-id", ep.as_str(), "--function", "echo"])
+        .args(["--payload", "while down"])
+        .env("AMQP_URL", c.url(0))
+        .output()
+        .expect("run service-setup");
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("is down"),
+        "{}",
+        output_text(&out)
+    );
     stopped.start().await;
     service.await_results(&ids, WAIT, &[&agent]).await;
     service.assert_all_ok(&ids);

@@ -318,7 +318,10 @@ impl Client {
             })
             .collect();
         let session = self.inner.current_session().await?;
-        session.submitter.submit(endpoint, tasks).await
+        session
+            .submitter
+            .submit_on(&session.conn, endpoint, tasks)
+            .await
     }
 
     /// Submits a task and waits up to `timeout` (from now, submit included) for its result. A result with

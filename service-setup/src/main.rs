@@ -559,7 +559,7 @@ async fn dispatch(
                     })
                     .collect();
                 let ids = submitter
-                    .submit(&ep, tasks)
+                    .submit_on(conn, &ep, tasks)
                     .await
                     .with_context(|| format!("while submitting tasks to endpoint {ep}"))?;
                 print_line(&ids.join("\n"))?;

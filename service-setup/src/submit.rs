@@ -122,6 +122,26 @@ impl Submitter {
         }
     }
 
+    /// [`Submitter::submit`], with a task that came back unroutable explained: when `ep`'s tasks queue exists
+    /// but its node is down (a classic queue on a cluster), that is the error (a lost link, worth retrying once
+    /// the node is back), not "not provisioned".
+    pub async fn submit_on(
+        &self,
+        conn: &Connection,
+        ep: &EndpointId,
+        tasks: Vec<TaskSpec>,
+    ) -> Result<Vec<String>, SetupError> {
+        match self.submit(ep, tasks).await {
+            Err(e) if e.is_not_provisioned() => {
+                match endpoint_wire::amqp::queue_info(conn, &ep.tasks_queue()).await {
+                    Err(down) => Err(SetupError::Broker(down)),
+                    Ok(_) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Closes the channel after the last confirm; dropping a `Submitter` is fine too.
     pub async fn close(self) {
         crate::amqp::close_channel(&self.channel).await;
