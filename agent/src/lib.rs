@@ -26,6 +26,7 @@ mod meta;
 pub mod raw;
 mod retry;
 mod session;
+mod stages;
 pub mod status;
 pub mod store;
 mod sys;
@@ -257,6 +258,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if let Err(e) = store.checkpoint().await {
         tracing::warn!(error = %e, "cannot checkpoint the database; its WAL file holds the latest commits");
     }
+    crate::stages::report();
     tracing::info!("stopped");
     Ok(())
 }

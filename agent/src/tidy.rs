@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["session"],
     &["intake", "executor", "raw", "store", "data_dir", "http"],
     &[
-        "task", "claim", "config", "limits", "meta", "retry", "sys", "testing",
+        "task", "claim", "config", "limits", "meta", "retry", "stages", "sys", "testing",
     ],
 ];
 

@@ -58,6 +58,9 @@ pub(crate) async fn worker(
                 )
                 .await;
                 let Some(tasks) = stored else { return };
+                if !unsaved.is_empty() {
+                    crate::stages::results_stored();
+                }
                 unsaved.clear();
                 unsaved_since = None;
                 claimed.extend(tasks);

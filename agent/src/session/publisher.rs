@@ -125,6 +125,7 @@ impl Publisher {
                     cursor = *last;
                     drained = false;
                 }
+                crate::stages::publishing();
                 for (id, r, service) in pending {
                     let service = service.filter(|_| !unaddressed.contains(&id));
                     let confirm = self
@@ -244,6 +245,7 @@ impl Publisher {
         let task_id = &sent.task_id;
         if confirm.is_ok() {
             crate::http::metrics::result_confirmed(sent.sent_at);
+            crate::stages::since(crate::stages::Stage::PublishToConfirm, sent.sent_at);
         }
         match confirm.map_err(|e| BrokerError::amqp("while publishing results", e))? {
             Confirmation::Ack(None) => {

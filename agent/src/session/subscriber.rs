@@ -18,6 +18,7 @@ use crate::limits::{
 use crate::meta::MetaKey;
 use crate::raw::{RawConnection, RawError};
 use crate::retry::{self, Backoff};
+use crate::stages::Stage;
 use crate::store::Store;
 use crate::task::Intake;
 use endpoint_wire::{AgentState, PROBE_TYPE, QueueType, now_rfc3339};
@@ -184,7 +185,11 @@ impl Subscriber {
             if !intake.is_empty() && !self.commit(intake, &mut retry, stop).await {
                 return Ok(());
             }
+            let committed = std::time::Instant::now();
+            crate::stages::since(Stage::IntakeCommit, arrived);
+            crate::stages::results_stored();
             conn.ack_up_to(last_tag).await?;
+            crate::stages::since(Stage::Ack, committed);
             crate::http::metrics::deliveries_acked(arrived, received);
         }
     }
