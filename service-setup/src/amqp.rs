@@ -31,19 +31,28 @@ pub(crate) async fn close_channel(channel: &Channel) {
     }
 }
 
-fn typed(queue_type: QueueType) -> FieldTable {
+/// The type argument of a queue of `queue_type`: none for a classic queue (as queues were always declared, so an
+/// existing one matches), `x-queue-type=quorum` for a quorum one.
+pub(crate) fn type_args(queue_type: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(queue_type.as_str())),
-    );
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(queue_type.as_str())),
+        );
+    }
     args
 }
 
 /// Arguments of the `<EP>.tasks` queue: a quorum queue has a single active consumer (it ignores the exclusive
 /// flag a classic queue's consumer is held to). No `x-delivery-limit`: the agent counts attempts itself.
 pub(crate) fn tasks_queue_args(queue_type: QueueType) -> FieldTable {
-    let mut args = typed(queue_type);
+    // The tasks queue always named its type (`x-queue-type=classic` since the first version).
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(queue_type.as_str())),
+    );
     if queue_type == QueueType::Quorum {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
@@ -54,10 +63,7 @@ pub(crate) fn tasks_queue_args(queue_type: QueueType) -> FieldTable {
 /// old. A classic one keeps the arguments it always had (no `x-queue-type`), so endpoints provisioned before
 /// queue types re-provision as they are.
 pub(crate) fn latest_only_queue_args(queue_type: QueueType) -> FieldTable {
-    let mut args = match queue_type {
-        QueueType::Classic => FieldTable::default(),
-        QueueType::Quorum => typed(queue_type),
-    };
+    let mut args = type_args(queue_type);
     args.insert("x-max-length".into(), AMQPValue::LongInt(1));
     args.insert(
         "x-overflow".into(),
@@ -150,11 +156,7 @@ pub(crate) async fn declare_results(
     let channel = open_channel(conn, "declare the results queue").await?;
     declare_exchange(&channel, RESULTS_EXCHANGE, ExchangeKind::Topic).await?;
     let exists = queue_info(conn, RESULTS_QUEUE).await?.is_some();
-    let args = match queue_type {
-        // As it always was declared (no type argument), so an existing classic queue matches.
-        QueueType::Classic => FieldTable::default(),
-        QueueType::Quorum => typed(queue_type),
-    };
+    let args = type_args(queue_type);
     if !exists {
         declare_queue(&channel, RESULTS_QUEUE, args).await?;
     } else if queue_type == QueueType::Quorum {

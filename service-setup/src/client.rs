@@ -13,7 +13,9 @@
 //! from is its routing key's (which the broker confines an endpoint's user to) and its publisher must be the
 //! endpoint's broker user when the endpoint has one.
 
-use crate::amqp::{amqp_err, bind, close_channel, declare_exchange, declare_queue, open_channel};
+use crate::amqp::{
+    amqp_err, bind, close_channel, declare_exchange, declare_queue, open_channel, type_args,
+};
 use crate::error::{SetupError, soft_error};
 use crate::results::ResultRecord;
 use crate::status::{Liveness, endpoint_status};
@@ -581,13 +583,7 @@ async fn declare_on(
     exists: bool,
 ) -> Result<(), SetupError> {
     let queue = service.results_queue();
-    let mut args = FieldTable::default();
-    if queue_type == QueueType::Quorum {
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(queue_type.as_str().into()),
-        );
-    }
+    let mut args = type_args(queue_type);
     if let Some(expires) = expires {
         let ms = i64::try_from(expires.as_millis())
             .unwrap_or(i64::MAX)

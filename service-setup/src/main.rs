@@ -448,6 +448,10 @@ async fn dispatch(
                 .map(|t| t.parse::<QueueType>().map_err(anyhow::Error::msg))
                 .transpose()?;
             let reg = match &credentials {
+                // One read of the registration: its user, and its type unless --queue-type names one.
+                None if queue_type.is_none() => {
+                    service_setup::provision(conn, &ep, heartbeat).await
+                }
                 None => {
                     let user = service_setup::endpoint_user_of(conn, &ep).await?;
                     service_setup::provision_typed(conn, &ep, heartbeat, user, queue_type).await

@@ -223,9 +223,7 @@ where
         None => {
             // Idempotent (an existing queue is used as it is), and lets a reader start before any endpoint
             // was provisioned in this vhost.
-            if queue_info(conn, RESULTS_QUEUE).await?.is_none() {
-                declare_results(conn, endpoint_wire::QueueType::Classic).await?;
-            }
+            declare_results(conn, endpoint_wire::QueueType::Classic).await?;
             RESULTS_QUEUE.to_owned()
         }
         Some(service) => {

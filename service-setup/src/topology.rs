@@ -33,7 +33,8 @@ pub async fn provision(
 ) -> Result<Registration, SetupError> {
     let old = registration_of(conn, ep).await?;
     let user = old.as_ref().and_then(|r| r.endpoint_user.clone());
-    provision_typed(conn, ep, heartbeat_secs, user, None).await
+    let queue_type = old.map_or(QueueType::Classic, |r| r.tasks_queue_type);
+    provision_typed(conn, ep, heartbeat_secs, user, Some(queue_type)).await
 }
 
 /// [`provision`] naming `endpoint_user` as the broker user the endpoint's agent logs in as (results for the
