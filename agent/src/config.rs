@@ -167,6 +167,16 @@ pub enum BrokerOrder {
     Listed,
 }
 
+impl BrokerOrder {
+    /// `urls` in this order (a fresh shuffle at each call for `Random`).
+    pub fn arrange(self, urls: Vec<BrokerUrl>) -> Vec<BrokerUrl> {
+        match self {
+            BrokerOrder::Random => endpoint_wire::random_order(&urls),
+            BrokerOrder::Listed => urls,
+        }
+    }
+}
+
 /// Values given on the command line (or their env vars); each wins over the file.
 #[derive(Clone, Debug)]
 pub struct Overrides {
@@ -385,11 +395,7 @@ impl Config {
 
     /// [`Config::broker_urls`] in the order to try them ([`BrokerOrder`]).
     pub fn ordered_broker_urls(&self) -> Result<Vec<BrokerUrl>, ConfigError> {
-        let urls = self.broker_urls()?;
-        Ok(match self.broker_order {
-            BrokerOrder::Random => endpoint_wire::random_order(&urls),
-            BrokerOrder::Listed => urls,
-        })
+        Ok(self.broker_order.arrange(self.broker_urls()?))
     }
 
     /// `--http` wins over the file's `http_addr` (kept out of [`Overrides`] so that its other users need not

@@ -326,10 +326,7 @@ impl Nodes {
     /// The node to try now, given the URLs as configured now (at least one).
     fn current(&mut self, urls: Vec<BrokerUrl>, order: BrokerOrder) -> BrokerUrl {
         if urls != self.listed {
-            self.order = match order {
-                BrokerOrder::Random => endpoint_wire::random_order(&urls),
-                BrokerOrder::Listed => urls.clone(),
-            };
+            self.order = order.arrange(urls.clone());
             self.listed = urls;
             self.next = 0;
         }
