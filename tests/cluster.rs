@@ -25,22 +25,17 @@ fn node_of(data: &Path) -> Option<usize> {
     cluster().node_of_port(status_node_port(data)?)
 }
 
-async fn wait_node(data: &Path, node: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while node_of(data) != Some(node) {
-        assert!(
-            Instant::now() < deadline,
-            "agent not on node {node}: {}",
-            local_status(data)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The cluster node an `endpoint-agent status --json` names.
+fn status_node(status: &serde_json::Value) -> Option<usize> {
+    cluster().node_of_port(node_port(status)?)
 }
 
-fn connected(data: &Path) -> bool {
-    local_status(data)["link"]
-        .as_str()
-        .is_some_and(|l| l.starts_with("connected"))
+async fn wait_node(data: &Path, node: usize) {
+    let s = wait_status(data, Duration::from_secs(60), |s| {
+        status_node(s) == Some(node)
+    })
+    .await;
+    assert_eq!(status_node(&s), Some(node), "agent not on node {node}: {s}");
 }
 
 fn echoes(label: &str, n: usize) -> Vec<service_setup::TaskSpec> {
@@ -96,15 +91,14 @@ async fn quorum_endpoints_lose_nothing_when_a_leader_and_an_agents_node_stop() {
         ids[i].extend(s.submit(echoes("agent node down", 1500)).await);
     }
     // The agent moves on to another node within its backoff (reconnect_max_ms = 1000 here).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(connected(&data[k]) && node_of(&data[k]).is_some_and(|n| n != node)) {
-        assert!(
-            Instant::now() < deadline,
-            "agent {k} did not move to another node: {}",
-            local_status(&data[k])
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let elsewhere = |s: &serde_json::Value| {
+        s["link"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("connected"))
+            && status_node(s).is_some_and(|n| n != node)
+    };
+    let s = wait_status(&data[k], Duration::from_secs(60), elsewhere).await;
+    assert!(elsewhere(&s), "agent {k} did not move to another node: {s}");
     eprintln!(
         "agent {k} was connected to another node at most {:?} after the stop (checked once the submissions were done)",
         moved.elapsed()

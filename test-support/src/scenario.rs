@@ -1017,7 +1017,12 @@ pub async fn wait_active_consumer(data_dir: &Path, limit: Duration) -> Duration 
 
 /// The port of the broker node the agent on `data_dir` says it uses (`endpoint-agent status`'s `node`).
 pub fn status_node_port(data_dir: &Path) -> Option<u16> {
-    let node = local_status(data_dir)["node"].as_str()?.to_owned();
+    node_port(&local_status(data_dir))
+}
+
+/// The port of the broker node an `endpoint-agent status --json` names (its `node`).
+pub fn node_port(status: &serde_json::Value) -> Option<u16> {
+    let node = status["node"].as_str()?;
     let hostport = node.split('@').nth(1)?.split('/').next()?;
     hostport.rsplit(':').next()?.parse().ok()
 }
