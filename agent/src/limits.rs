@@ -45,6 +45,18 @@ pub const WRITER_MAX_BATCH: usize = 4096;
 /// Longest a commit of nothing but "published" marks waits for company: a lost mark only republishes a result,
 /// so it may ride along with a commit that is due anyway instead of costing an fsync of its own.
 pub const MARK_DELAY: Duration = Duration::from_millis(20);
+/// Least time between two checkpoints of the checkpointer thread (`store::checkpointer`): each costs an fsync
+/// of the database file, and pages changed again within the interval (the tasks table's, its indexes') are
+/// copied once. The WAL holds about this much of the write traffic between checkpoints.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL size (in 4 KiB pages: 32 MiB) at which the writer checkpoints itself, inside a commit: a backstop for a
+/// load that never pauses long enough for the checkpointer's passive checkpoints to let the WAL start over, and
+/// for a checkpointer that fails. SQLite's default (1,000 pages) put a checkpoint inside every few hundred
+/// commits.
+pub const WAL_BACKSTOP_PAGES: u32 = 8192;
+/// Bytes a WAL file keeps after it starts over (`journal_size_limit`): one that grew to the backstop under a
+/// burst is cut back to this.
+pub const WAL_KEEP_BYTES: i64 = 16 << 20;
 /// How long a connection waits for a lock held by another connection (a status read, a checkpoint).
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Payload bytes one claim holds at most (it always takes at least one task): bounds a slot's memory.

@@ -5,7 +5,9 @@
 //! to that file as one JSON line (`cargo bench -p benches -- --agent-bin` with such a build reads them).
 //! Stages: `intake_commit` (a batch's first delivery arriving to its commit returning: writer queue and fsync),
 //! `ack` (that commit to the ack written), `stored_to_publish` (the oldest result committed since the last
-//! publish to the publisher sending: the hand-off), `publish_to_confirm` (a result sent to its confirm).
+//! publish to the publisher sending: the hand-off), `publish_to_confirm` (a result sent to its confirm),
+//! `writer_batch` (one writer transaction, statements and commit with its fsync, on the writer thread) and
+//! `checkpoint` (one checkpoint on the checkpointer thread: off the task path, recorded to show its cost).
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +19,8 @@ pub(crate) enum Stage {
     Ack,
     StoredToPublish,
     PublishToConfirm,
+    WriterBatch,
+    Checkpoint,
 }
 
 #[cfg(feature = "stage-timing")]
@@ -25,11 +29,13 @@ mod imp {
     use hdrhistogram::Histogram;
     use std::sync::Mutex;
 
-    const STAGES: [(Stage, &str); 4] = [
+    const STAGES: [(Stage, &str); 6] = [
         (Stage::IntakeCommit, "intake_commit"),
         (Stage::Ack, "ack"),
         (Stage::StoredToPublish, "stored_to_publish"),
         (Stage::PublishToConfirm, "publish_to_confirm"),
+        (Stage::WriterBatch, "writer_batch"),
+        (Stage::Checkpoint, "checkpoint"),
     ];
 
     static HISTS: Mutex<Option<Vec<Histogram<u64>>>> = Mutex::new(None);

@@ -4,10 +4,12 @@
 //! [`Store`] is the handle async code holds: every write is a command to the writer thread (`writer`), which
 //! group-commits them and replies only after the commit, so "the store said yes" always means "it is on disk";
 //! nothing here blocks a tokio worker. `sql` holds each command's statements (the claim policy they follow is
-//! `crate::claim`), `schema` the file (pragmas, tables, integrity check, crash recovery), `reader` the
+//! `crate::claim`), `checkpointer` the thread that folds the WAL into the database file beside the writer,
+//! `schema` the file (pragmas, tables, integrity check, crash recovery), `reader` the
 //! read-only connections (the publisher's reads, `endpoint-agent status`). The handle also keeps the counts,
 //! notices a full disk, and announces committed results to the publisher.
 
+mod checkpointer;
 mod reader;
 mod schema;
 mod sql;
@@ -120,10 +122,16 @@ impl Store {
         })?;
         let counts = schema::read_counts(&conn)?;
         let (counts_tx, counts_rx) = watch::channel(counts);
+        let checkpoints = checkpointer::open(&path).map_err(|e| StoreError::opening(&path, e))?;
+        let (commits_tx, commits_rx) = mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpointer::run(checkpoints, commits_rx))
+            .map_err(StoreError::Thread)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(conn, rx, counts_tx))
+            .spawn(move || writer::run(conn, rx, counts_tx, commits_tx))
             .map_err(StoreError::Thread)?;
         Ok((
             Store {

@@ -4,7 +4,7 @@
 
 use super::StoreError;
 use super::sql::{self, HANDED_BACK, QUEUED, RUNNING};
-use crate::limits::SQLITE_BUSY_TIMEOUT;
+use crate::limits::{SQLITE_BUSY_TIMEOUT, WAL_BACKSTOP_PAGES, WAL_KEEP_BYTES};
 use crate::task::{Counts, TaskResult};
 use endpoint_wire::Status;
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -52,6 +52,9 @@ pub(super) fn open_db(path: &Path) -> rusqlite::Result<Connection> {
     // before it returns, which is what an ack to the broker promises.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // Checkpoints run on the checkpointer thread, off the commit path; the writer's own is only a backstop.
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS tasks (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -181,10 +184,24 @@ pub(super) fn create_private(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// `PRAGMA wal_checkpoint(TRUNCATE)` on a connection of its own: the WAL folded into the database file.
+/// `PRAGMA wal_checkpoint(TRUNCATE)` on a connection of its own: the WAL folded into the database file and
+/// emptied. A checkpoint the checkpointer thread is running meanwhile makes it report busy (SQLite does not wait
+/// for another checkpoint), so it tries again for up to [`SQLITE_BUSY_TIMEOUT`].
 pub(super) fn checkpoint(path: &Path) -> Result<(), StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    Ok(())
+    let deadline = std::time::Instant::now() + SQLITE_BUSY_TIMEOUT;
+    loop {
+        let busy: bool = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if !busy {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(StoreError::Commit(
+                "the WAL could not be checkpointed: another connection kept it busy".into(),
+                false,
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

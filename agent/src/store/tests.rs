@@ -450,11 +450,8 @@ async fn truncated_database_is_refused_and_left_alone() {
     let (store, _) = Store::open(&dir, 3).unwrap();
     let many: Vec<Intake> = (0..3000).map(|i| task(&format!("task-{i:05}"))).collect();
     store.ingest(many).await.unwrap();
-    // Most pages in the database file, the latest ones in the WAL.
-    Connection::open(&path)
-        .unwrap()
-        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        .unwrap();
+    // Most pages in the database file, the latest ones in the WAL (it starts over from empty).
+    super::schema::checkpoint(&path).unwrap();
     store
         .ingest(vec![task("late-1"), task("late-2")])
         .await
@@ -479,9 +476,13 @@ async fn truncated_database_is_refused_and_left_alone() {
                 r.get::<_, i64>(0)
             });
         }
-        let err = Store::open(&dir, 3)
-            .err()
-            .expect("a truncated database must not open");
+        let err = Store::open(&dir, 3).err().unwrap_or_else(|| {
+            panic!(
+                "wal {with_wal} shm {with_shm}: a truncated database ({} of {} bytes) must not open",
+                cut.len(),
+                bytes.len()
+            )
+        });
         assert!(
             matches!(err, StoreError::Damaged(..)),
             "wal {with_wal} shm {with_shm}: {err}"
@@ -575,4 +576,35 @@ async fn results_remember_the_service_their_task_named() {
             ("shared", None)
         ]
     );
+}
+
+#[tokio::test]
+async fn checkpoints_run_beside_the_writer() {
+    let dir = tempdir("checkpointer");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let before = std::fs::metadata(dir.join(DB_FILE)).unwrap().len();
+    // 2 MiB of payload: far below the writer's own checkpoint (the backstop), so only the checkpointer thread
+    // copies it from the WAL into the database file.
+    let big: Vec<Intake> = (0..8)
+        .map(|i| {
+            let mut t = task(&format!("big-{i}"));
+            if let Intake::Task(t) = &mut t {
+                t.payload = vec![7; 256 * 1024];
+            }
+            t
+        })
+        .collect();
+    store.ingest(big).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let len = std::fs::metadata(dir.join(DB_FILE)).unwrap().len();
+        if len >= before + 2 * 1024 * 1024 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {len} bytes: nothing checkpointed the WAL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

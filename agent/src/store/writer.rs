@@ -2,7 +2,9 @@
 //! transaction (each under its own savepoint, so one failure does not undo the others) and commits once: group
 //! commit, so the cost of an fsync is shared by everything that arrived while the previous one ran. A reply is
 //! sent only after the commit. Idle slots park their claims here; a parked claim is served in the first commit
-//! that makes a task claimable (typically the one that queues new tasks).
+//! that makes a task claimable (typically the one that queues new tasks). Checkpoints are not its work: the
+//! checkpointer thread (`checkpointer`) runs them beside it, so that a commit is only its own statements and
+//! its fsync.
 
 use super::sql::{self, Delta};
 use super::{Reply, StoreError};
@@ -44,10 +46,13 @@ pub(super) enum Op {
 /// A parked claim: how many tasks it takes, and where they go.
 type Parked = (Want, Reply<Vec<ClaimedTask>>);
 
+/// Serves commands until every [`super::Store`] handle is gone. After each commit it tells the checkpointer
+/// (`commits`, never waiting: a signal already pending covers this commit too).
 pub(super) fn run(
     mut conn: Connection,
     rx: mpsc::Receiver<Command>,
     counts: watch::Sender<Counts>,
+    commits: mpsc::SyncSender<()>,
 ) {
     let mut parked: VecDeque<Parked> = VecDeque::new();
     while let Ok(first) = rx.recv() {
@@ -70,7 +75,10 @@ pub(super) fn run(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts);
+        crate::stages::since(crate::stages::Stage::WriterBatch, started);
+        let _ = commits.try_send(());
         // Tasks claimed for a caller that went away meanwhile: back to the queue, attempt not counted.
         while !orphans.is_empty() {
             let (reply, _rx) = oneshot::channel();
