@@ -117,6 +117,10 @@ pub const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(30);
 pub const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// Results published and not yet confirmed, at most: keeps the broker busy without unbounded memory.
 pub const PUBLISH_WINDOW: usize = 1024;
+/// Result bytes the writer hands the publisher directly after a commit, at most, beyond which the publisher reads
+/// them back from the database instead (`store::handoff`): 4 MiB is a few hundred ms of results at thousands of
+/// tasks/s, 64 results of 64 KiB; a publisher further behind than that is not kept waiting on memory.
+pub const HANDOFF_BYTES: usize = 4 << 20;
 /// Results read from the store at a time.
 pub const PUBLISH_READ: usize = 256;
 /// How often an idle publisher looks for results nobody announced (a safety net; announcements are the rule).

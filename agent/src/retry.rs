@@ -19,13 +19,37 @@ pub(crate) async fn until_stopped<T, E: Retryable, F: Future<Output = Result<T, 
     stop: &CancellationToken,
     mut attempt: impl FnMut() -> F,
 ) -> Option<T> {
+    until_stopped_with(what, backoff, stop, (), |()| {
+        let tried = attempt();
+        async move { tried.await.map_err(|e| (e, Some(()))) }
+    })
+    .await
+}
+
+/// [`until_stopped`] for an operation that takes `input` by value and gives it back when it fails, so that
+/// trying again needs no copy. Also `None` if a failure did not give the input back (nothing left to try with).
+pub(crate) async fn until_stopped_with<I, T, E: Retryable, F>(
+    what: &str,
+    backoff: &mut Backoff,
+    stop: &CancellationToken,
+    mut input: I,
+    mut attempt: impl FnMut(I) -> F,
+) -> Option<T>
+where
+    F: Future<Output = Result<T, (E, Option<I>)>>,
+{
     loop {
-        match attempt().await {
+        match attempt(input).await {
             Ok(value) => {
                 backoff.reset();
                 return Some(value);
             }
-            Err(e) => {
+            Err((e, back)) => {
+                let Some(back) = back else {
+                    tracing::error!(error = %e, "{what}; given up: nothing came back to retry with");
+                    return None;
+                };
+                input = back;
                 if e.reported_where_it_arose() {
                     tracing::debug!(error = %e, "{what}; retrying");
                 } else {

@@ -50,18 +50,21 @@ pub(crate) async fn worker(
                 // A full disk or similar: the results stay in memory and the commit is tried again; they are
                 // never dropped. Given up only on `kill`: those tasks stay `running` on disk and run again at
                 // the next start.
-                let stored = retry::until_stopped(
+                // A failed commit gives the results back, so a retry copies nothing.
+                let stored = retry::until_stopped_with(
                     "cannot store results or claim tasks (results kept in memory)",
                     &mut retry,
                     &kill,
-                    || store.finish_and_claim(unsaved.clone(), want.clone()),
+                    std::mem::take(&mut unsaved),
+                    |results| async {
+                        store
+                            .try_finish_and_claim(results, want.clone())
+                            .await
+                            .map_err(|n| (n.error, n.items))
+                    },
                 )
                 .await;
                 let Some(tasks) = stored else { return };
-                if !unsaved.is_empty() {
-                    crate::stages::results_stored();
-                }
-                unsaved.clear();
                 unsaved_since = None;
                 claimed.extend(tasks);
             }

@@ -370,32 +370,59 @@ fn finished(m: &Metrics, function: &str, status: Status, took: Option<Duration>)
 
 // --- Recording, called where things happen (no-ops until `init`) ---
 
-/// The subscriber committed what intake made of a batch: rejected ones and those run on arrival got their
-/// results in that commit.
-pub(crate) fn intake_committed(config: &Config, items: &[crate::task::Intake]) {
+/// A task of an intake batch that came with its result (rejected, or run on arrival), as the metrics count it.
+pub(crate) struct ArrivedFinished {
+    function: String,
+    status: Status,
+    /// Run time, for those run on arrival.
+    took: Option<Duration>,
+}
+
+/// What [`intake_committed`] will count of a batch, taken before the batch moves into the store (empty
+/// without `--http`).
+pub(crate) fn arrived_finished(
+    config: &Config,
+    items: &[crate::task::Intake],
+) -> Vec<ArrivedFinished> {
     use crate::task::Intake;
-    let Some(m) = get() else { return };
-    for item in items {
-        match item {
-            Intake::Task(_) => {}
-            Intake::Rejected { function, .. } => {
-                let function = function_label(config, function);
-                m.rejected.inc();
-                finished(m, &function, Status::Rejected, None);
-            }
+    if get().is_none() {
+        return Vec::new();
+    }
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Intake::Task(_) => None,
+            Intake::Rejected { function, .. } => Some(ArrivedFinished {
+                function: function_label(config, function),
+                status: Status::Rejected,
+                took: None,
+            }),
             Intake::Ran {
                 function, result, ..
-            } => {
-                let function = function_label(config, function);
-                m.started
-                    .get_or_create(&FunctionLabel {
-                        function: function.clone(),
-                    })
-                    .inc();
-                let took = Duration::from_millis(result.duration_ms);
-                finished(m, &function, result.status, Some(took));
-            }
-        }
+            } => Some(ArrivedFinished {
+                function: function_label(config, function),
+                status: result.status,
+                took: Some(Duration::from_millis(result.duration_ms)),
+            }),
+        })
+        .collect()
+}
+
+/// The subscriber committed what intake made of a batch: rejected ones and those run on arrival got their
+/// results in that commit.
+pub(crate) fn intake_committed(arrived: Vec<ArrivedFinished>) {
+    let Some(m) = get() else { return };
+    for f in arrived {
+        match f.took {
+            None => m.rejected.inc(),
+            Some(_) => m
+                .started
+                .get_or_create(&FunctionLabel {
+                    function: f.function.clone(),
+                })
+                .inc(),
+        };
+        finished(m, &f.function, f.status, f.took);
     }
 }
 

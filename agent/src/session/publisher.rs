@@ -2,21 +2,22 @@
 //! marked published in the store only on the broker's ack (a nack, a return or a lost connection leaves them
 //! pending for replay). A result whose task named a service goes to that service's routing key; if no queue
 //! takes it there (the service's queue is gone), it goes to the shared `results` queue instead of bouncing
-//! forever. Woken by the store when results are committed. Reads results from the store, never writes
-//! anything but the "published" mark.
+//! forever. The writer hands it each result as it commits it (the store's hand-off), so a result is sent without
+//! being read back; it reads the database itself at start, when the hand-off overflowed, for a rescan and on
+//! an idle timer. Never writes anything but the "published" mark.
 
 use crate::config::Config;
 use crate::limits::{
     PUBLISH_READ, PUBLISH_RETRY_MAX, PUBLISH_RETRY_MIN, PUBLISH_WINDOW, PUBLISHER_IDLE_POLL,
 };
 use crate::retry::{self, Backoff};
-use crate::store::{Reader, Store, StoreError};
+use crate::store::{Committed, Reader, Store, StoreError};
 use crate::task::TaskResult;
 use endpoint_wire::{self as wire, BrokerError, ServiceName};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -55,8 +56,9 @@ impl Publisher {
     /// Publishes pending results as they appear. Returns Ok once `drain` is cancelled and nothing is pending,
     /// or the error that broke the connection.
     ///
-    /// Pipelined: results are published while earlier confirms are outstanding (up to [`PUBLISH_WINDOW`]), read from
-    /// the store by row id past the last one published (`cursor`), and marked published as their confirms
+    /// Pipelined: results are published while earlier confirms are outstanding (up to [`PUBLISH_WINDOW`]), taken
+    /// from the hand-off as they are committed or read from the store by row id past the last one read (`cursor`;
+    /// a read skips those the hand-off brought past it, `ahead`), and marked published as their confirms
     /// arrive, every confirm that has arrived in one `mark_published` commit, which runs while publishing goes
     /// on. A result refused by the broker (or whose mark failed) stays pending below the cursor: once nothing
     /// is in flight the cursor goes back to the start and it is published again, after a backoff.
@@ -72,7 +74,11 @@ impl Publisher {
         // Reads are not given up: a publisher that cannot read its database waits for it (a stop that waits
         // too long is ended by the link's drain limit).
         let forever = CancellationToken::new();
-        let results_stored = self.store.results_stored();
+        let handoff = self.store.handoff();
+        // The first read below finds every pending result, those waiting in the hand-off too.
+        handoff.clear();
+        // Results sent from the hand-off past the cursor and not yet marked published: a read skips them.
+        let mut ahead: BTreeSet<i64> = BTreeSet::new();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut cursor: i64 = 0;
         // Some result at or below the cursor is still pending (refused, or its mark failed).
@@ -81,6 +87,8 @@ impl Publisher {
         // Results a service's queue did not take: they go to the shared queue when published again.
         let mut unaddressed: HashSet<i64> = HashSet::new();
         let mut marking: Option<Marking> = None;
+        // The ids `marking` marks (they leave `ahead` once marked).
+        let mut marking_ids: Vec<i64> = Vec::new();
         let reader = ReaderSlot::default();
         // New results may be waiting (a notification came, or the last read was full): read before waiting.
         let mut fresh = true;
@@ -100,13 +108,14 @@ impl Publisher {
                 }
                 continue;
             }
-            let notified = results_stored.notified();
+            let notified = handoff.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if rescan && in_flight.is_empty() && acked.is_empty() && marking.is_none() {
                 cursor = 0;
                 rescan = false;
                 fresh = true;
+                ahead.clear();
             }
             // With a rescan due, nothing new goes out until everything in flight is settled and the cursor is
             // back at the start, so that a refused result cannot be overtaken forever under a steady load.
@@ -127,6 +136,43 @@ impl Publisher {
                 }
                 crate::stages::publishing();
                 for (id, r, service) in pending {
+                    if ahead.contains(&id) {
+                        continue;
+                    }
+                    let service = service.filter(|_| !unaddressed.contains(&id));
+                    let confirm = self
+                        .publish_result(&channel, &r, service.as_ref(), user_id)
+                        .await?;
+                    in_flight.push_back(InFlight {
+                        id,
+                        task_id: r.task_id,
+                        service,
+                        confirm,
+                        sent_at: std::time::Instant::now(),
+                    });
+                }
+                // No later read returns a row at or below the cursor.
+                ahead = ahead.split_off(&(cursor + 1));
+            }
+            // Results the writer handed over as it committed them: sent as they are, not read back.
+            if !is_blocked && !rescan && in_flight.len() < PUBLISH_WINDOW {
+                let (committed, overflowed) = handoff.take(PUBLISH_WINDOW - in_flight.len());
+                // Some were left out of the hand-off: the database has them.
+                fresh |= overflowed;
+                if !committed.is_empty() {
+                    crate::stages::publishing();
+                    drained = false;
+                }
+                for Committed {
+                    id,
+                    result: r,
+                    service,
+                } in committed
+                {
+                    // At or below the cursor a read has already sent it (results are committed in row id order).
+                    if id <= cursor || !ahead.insert(id) {
+                        continue;
+                    }
                     let service = service.filter(|_| !unaddressed.contains(&id));
                     let confirm = self
                         .publish_result(&channel, &r, service.as_ref(), user_id)
@@ -141,7 +187,8 @@ impl Publisher {
                 }
             }
             if marking.is_none() && !acked.is_empty() {
-                marking = Some(start_marking(&self.store, std::mem::take(&mut acked)));
+                marking_ids = std::mem::take(&mut acked);
+                marking = Some(start_marking(&self.store, marking_ids.clone()));
             }
             if in_flight.is_empty() && marking.is_none() {
                 if !fresh && !rescan && !is_blocked {
@@ -152,9 +199,10 @@ impl Publisher {
                         // One more read once draining: results stored just before the drain are not left behind.
                         drained = true;
                     } else {
-                        // The timer is a safety net for results nobody announced (the store announces every commit).
+                        // The writer hands over every result it commits; the timer is a safety net that reads the
+                        // database anyway.
                         tokio::select! {
-                            _ = &mut notified => {}
+                            _ = &mut notified => continue,
                             _ = drain.cancelled() => {}
                             _ = tokio::time::sleep(PUBLISHER_IDLE_POLL) => {}
                         }
@@ -195,6 +243,13 @@ impl Publisher {
                 }
                 r = async { marking.as_mut().expect("checked some").await }, if marking.is_some() => {
                     marking = None;
+                    let marked = std::mem::take(&mut marking_ids);
+                    if r.is_ok() {
+                        // Marked: no read returns them any more.
+                        for id in marked {
+                            ahead.remove(&id);
+                        }
+                    }
                     if let Err(e) = r {
                         // They stay pending and go out again: a duplicate result is harmless, a lost one is not.
                         tracing::error!(error = %e, "cannot mark results published; they will be published again");
@@ -202,7 +257,7 @@ impl Publisher {
                         tokio::time::sleep(failures.next_delay()).await;
                     }
                 }
-                _ = &mut notified, if room && !fresh => fresh = true,
+                _ = &mut notified, if room => {}
                 _ = std::future::ready(()), if room && fresh => {}
             }
         }

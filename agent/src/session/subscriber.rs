@@ -187,7 +187,6 @@ impl Subscriber {
             }
             let committed = std::time::Instant::now();
             crate::stages::since(Stage::IntakeCommit, arrived);
-            crate::stages::results_stored();
             conn.ack_up_to(last_tag).await?;
             crate::stages::since(Stage::Ack, committed);
             crate::http::metrics::deliveries_acked(arrived, received);
@@ -210,23 +209,32 @@ impl Subscriber {
     }
 
     /// Commits received tasks, retrying with backoff until it works (a full disk); nothing may be acked before.
-    /// False if `stop` came first: the deliveries stay unacked and go back to the broker.
+    /// A failed commit gives the batch back, so a retry copies nothing. False if `stop` came first (the
+    /// deliveries stay unacked and go back to the broker), or if the store is gone.
     async fn commit(
         &self,
         intake: Vec<Intake>,
         retry: &mut Backoff,
         stop: &CancellationToken,
     ) -> bool {
-        let committed = retry::until_stopped(
+        // What the metrics need of the batch, taken before it moves into the store.
+        let finished = crate::http::metrics::arrived_finished(&self.config, &intake);
+        let committed = retry::until_stopped_with(
             "cannot commit received tasks (not acked)",
             retry,
             stop,
-            || self.store.ingest(intake.clone()),
+            intake,
+            |intake| async {
+                self.store
+                    .try_ingest(intake)
+                    .await
+                    .map_err(|n| (n.error, n.items))
+            },
         )
         .await;
         match committed {
             Some(out) => {
-                crate::http::metrics::intake_committed(&self.config, &intake);
+                crate::http::metrics::intake_committed(finished);
                 if out.duplicates > 0 {
                     tracing::info!(
                         duplicates = out.duplicates,

@@ -10,6 +10,7 @@
 //! notices a full disk, and announces committed results to the publisher.
 
 mod checkpointer;
+mod handoff;
 mod reader;
 mod schema;
 mod sql;
@@ -18,6 +19,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use handoff::{Committed, Handoff};
 pub use reader::{Reader, RecentFailure, read_status};
 pub use schema::Recovery;
 pub use sql::QueuedTask;
@@ -28,7 +30,7 @@ use crate::retry::Retryable;
 use crate::task::{ClaimedTask, Counts, IngestOutcome, Intake, TaskResult};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use writer::{Command, Op};
 
 /// File name of the database inside the data directory.
@@ -95,6 +97,29 @@ impl Retryable for StoreError {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// A write the store did not commit, with what the caller gave it (`items`), so that trying again needs no copy.
+/// `items` is `None` only if the store went away without answering (the writer thread is gone).
+#[derive(Debug)]
+pub struct NotStored<I> {
+    pub error: StoreError,
+    pub items: Option<I>,
+}
+
+impl<I> std::fmt::Display for NotStored<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<I> Retryable for NotStored<I> {
+    fn reported_where_it_arose(&self) -> bool {
+        self.error.reported_where_it_arose()
+    }
+}
+
+/// Where the writer answers a command that carries items: the value, or the items back with the error.
+type GiveBack<T, I> = oneshot::Sender<Result<T, NotStored<I>>>;
+
 /// Handle to the writer thread. Cheap to clone; the thread stops when the last handle is dropped.
 #[derive(Clone)]
 pub struct Store {
@@ -102,8 +127,8 @@ pub struct Store {
     counts: watch::Receiver<Counts>,
     /// `since <time>: <error>` while writes that need space fail (disk full), else `None`.
     disk_full: Arc<watch::Sender<Option<String>>>,
-    /// Notified after every commit that stored results: the publisher's wake-up.
-    results_stored: Arc<Notify>,
+    /// Results committed, handed to the publisher with its wake-up.
+    handoff: Arc<Handoff>,
     dir: PathBuf,
 }
 
@@ -129,16 +154,18 @@ impl Store {
             .spawn(move || checkpointer::run(checkpoints, commits_rx))
             .map_err(StoreError::Thread)?;
         let (tx, rx) = mpsc::channel();
+        let handoff = Arc::new(Handoff::default());
+        let writer_handoff = handoff.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(conn, rx, counts_tx, commits_tx))
+            .spawn(move || writer::run(conn, rx, counts_tx, &writer_handoff, commits_tx))
             .map_err(StoreError::Thread)?;
         Ok((
             Store {
                 tx,
                 counts: counts_rx,
                 disk_full: Arc::new(watch::channel(None).0),
-                results_stored: Arc::new(Notify::new()),
+                handoff,
                 dir: dir.to_owned(),
             },
             recovery,
@@ -154,34 +181,70 @@ impl Store {
     }
 
     /// Commits what intake made of a batch of deliveries: new tasks queued, rejected and already-run tasks
-    /// stored with their results. Ids already on disk are left alone.
+    /// stored with their results (handed to the publisher). Ids already on disk are left alone.
     pub async fn ingest(&self, items: Vec<Intake>) -> Result<IngestOutcome, StoreError> {
+        self.try_ingest(items).await.map_err(|n| n.error)
+    }
+
+    /// [`Store::ingest`], giving the items back if they were not committed (to try again without a copy).
+    pub async fn try_ingest(
+        &self,
+        items: Vec<Intake>,
+    ) -> Result<IngestOutcome, NotStored<Vec<Intake>>> {
         let grows = !items.is_empty();
-        let r = self.call(|r| Op::Ingest(items, r)).await;
-        self.note_space(&r, grows);
-        if let Ok(out) = &r
-            && out.rejected + out.ran > 0
-        {
-            self.results_stored.notify_one();
-        }
+        let r = self.give_back(items, Op::Ingest).await;
+        self.note_space(r.as_ref().map_err(|n| &n.error), grows);
         r
     }
 
-    /// Stores `finished` (each task marked done with its result) and claims up to `want` queued tasks (their
-    /// attempts counted), all in one commit. Returns the claimed tasks, possibly none.
+    /// Stores `finished` (each task marked done with its result, handed to the publisher) and claims up to
+    /// `want` queued tasks (their attempts counted), all in one commit. Returns the claimed tasks, possibly none.
     pub async fn finish_and_claim(
         &self,
         finished: Vec<TaskResult>,
         want: impl Into<Want>,
     ) -> Result<Vec<ClaimedTask>, StoreError> {
+        self.try_finish_and_claim(finished, want)
+            .await
+            .map_err(|n| n.error)
+    }
+
+    /// [`Store::finish_and_claim`], giving the results back if they were not committed.
+    pub async fn try_finish_and_claim(
+        &self,
+        finished: Vec<TaskResult>,
+        want: impl Into<Want>,
+    ) -> Result<Vec<ClaimedTask>, NotStored<Vec<TaskResult>>> {
         let want = want.into();
         let grows = !finished.is_empty();
-        let r = self.call(|r| Op::FinishAndClaim(finished, want, r)).await;
-        self.note_space(&r, grows);
-        if grows && r.is_ok() {
-            self.results_stored.notify_one();
-        }
+        let r = self
+            .give_back(finished, |finished, reply| {
+                Op::FinishAndClaim(finished, want, reply)
+            })
+            .await;
+        self.note_space(r.as_ref().map_err(|n| &n.error), grows);
         r
+    }
+
+    /// Sends a command that carries `items` and waits for its answer; the items come back on every failure the
+    /// writer answers (and when it cannot be reached at all).
+    async fn give_back<T, I>(
+        &self,
+        items: I,
+        make: impl FnOnce(I, GiveBack<T, I>) -> Op,
+    ) -> Result<T, NotStored<I>> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Run(make(items, reply))).is_err() {
+            // The writer is gone: nothing can be stored any more.
+            return Err(NotStored {
+                error: StoreError::Closed,
+                items: None,
+            });
+        }
+        rx.await.unwrap_or(Err(NotStored {
+            error: StoreError::Closed,
+            items: None,
+        }))
     }
 
     /// Claims up to `want` tasks, waiting until at least one can be claimed; the claim is committed in the same
@@ -200,7 +263,7 @@ impl Store {
 
     /// Disk-full bookkeeping, fed by the writes that need space (new tasks, results): set and logged at the
     /// first failure for lack of space, cleared and logged by the next such write that commits.
-    fn note_space<T>(&self, r: &Result<T, StoreError>, grows: bool) {
+    fn note_space<T>(&self, r: Result<T, &StoreError>, grows: bool) {
         match r {
             Err(e) if e.is_disk_full() => {
                 self.disk_full.send_if_modified(|s| {
@@ -234,9 +297,10 @@ impl Store {
         self.disk_full.subscribe()
     }
 
-    /// Notified (one permit) after every commit that stored results, so the publisher need not poll.
-    pub fn results_stored(&self) -> Arc<Notify> {
-        self.results_stored.clone()
+    /// The results committed since the publisher last took them, and its wake-up (one permit per commit that
+    /// stored results), so the publisher need neither poll nor read them back.
+    pub fn handoff(&self) -> Arc<Handoff> {
+        self.handoff.clone()
     }
 
     /// Puts running tasks back in the queue without counting their attempt (shutdown, or claimed and not run).

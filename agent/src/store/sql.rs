@@ -56,19 +56,20 @@ fn count(n: usize) -> i64 {
 /// was handed back is taken afresh: its hand-back row makes way for the new arrival.
 pub(super) fn ingest(
     tx: &rusqlite::Transaction,
-    items: Vec<Intake>,
+    items: &[Intake],
     d: &mut Delta,
     revive: bool,
-) -> Result<IngestOutcome, StoreError> {
+) -> Result<(IngestOutcome, Vec<Stored>), StoreError> {
     let now = now_ms() as i64;
     let mut out = IngestOutcome::default();
+    let mut stored = Vec::new();
     let mut insert = tx.prepare_cached(
         "INSERT INTO tasks (task_id, function, payload, timeout_ms, state, received_at_ms, reply_to, headers)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(task_id) DO NOTHING",
     )?;
-    for item in items {
+    for (index, item) in items.iter().enumerate() {
         if revive {
-            let id = match &item {
+            let id = match item {
                 Intake::Task(t) => &t.task_id,
                 Intake::Rejected { task_id, .. } => task_id,
                 Intake::Ran { result, .. } => &result.task_id,
@@ -98,47 +99,71 @@ pub(super) fn ingest(
                 reason,
                 reply_to,
             } => {
-                let result = TaskResult {
-                    task_id,
-                    status: Status::Rejected,
-                    exit_code: None,
-                    attempts: 0,
-                    duration_ms: 0,
-                    body: reason.into_bytes(),
-                };
-                if insert_done(tx, &mut insert, &function, &result, reply_to, now, d)? {
-                    out.rejected += 1;
-                } else {
-                    out.duplicates += 1;
+                let result = rejected(task_id, reason);
+                match insert_done(tx, &mut insert, function, &result, reply_to, now, d)? {
+                    Some(id) => {
+                        out.rejected += 1;
+                        stored.extend(id.map(|id| stored_at(index, id, reply_to)));
+                    }
+                    None => out.duplicates += 1,
                 }
             }
             Intake::Ran {
                 function,
                 result,
                 reply_to,
-            } => {
-                if insert_done(tx, &mut insert, &function, &result, reply_to, now, d)? {
+            } => match insert_done(tx, &mut insert, function, result, reply_to, now, d)? {
+                Some(id) => {
                     out.ran += 1;
-                } else {
-                    out.duplicates += 1;
+                    stored.extend(id.map(|id| stored_at(index, id, reply_to)));
                 }
-            }
+                None => out.duplicates += 1,
+            },
         }
     }
-    Ok(out)
+    Ok((out, stored))
 }
 
-/// Records a task that arrives with its result: inserted without its payload, then finished. False if its id is
-/// already on disk (a duplicate: the result on disk, if any, stands and this one is dropped).
+/// A result row a command stored: which of the command's items it came from, its row id, and its service.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Stored {
+    pub index: usize,
+    pub id: i64,
+    pub service: Option<ServiceName>,
+}
+
+fn stored_at(index: usize, id: i64, service: &Option<ServiceName>) -> Stored {
+    Stored {
+        index,
+        id,
+        service: service.clone(),
+    }
+}
+
+/// The result a task rejected on intake gets.
+pub(super) fn rejected(task_id: &str, reason: &str) -> TaskResult {
+    TaskResult {
+        task_id: task_id.to_owned(),
+        status: Status::Rejected,
+        exit_code: None,
+        attempts: 0,
+        duration_ms: 0,
+        body: reason.as_bytes().to_vec(),
+    }
+}
+
+/// Records a task that arrives with its result: inserted without its payload, then finished. `None` if its id is
+/// already on disk (a duplicate: the result on disk, if any, stands and this one is dropped); else the new
+/// result's row id (`None` inside if a result row for that id was already there).
 fn insert_done(
     tx: &rusqlite::Transaction,
     insert: &mut rusqlite::CachedStatement,
     function: &str,
     result: &TaskResult,
-    reply_to: Option<ServiceName>,
+    reply_to: &Option<ServiceName>,
     now: i64,
     d: &mut Delta,
-) -> Result<bool, StoreError> {
+) -> Result<Option<Option<i64>>, StoreError> {
     let empty: &[u8] = &[];
     if insert.execute(params![
         result.task_id,
@@ -151,56 +176,76 @@ fn insert_done(
         None::<Vec<u8>>
     ])? == 0
     {
-        return Ok(false);
+        return Ok(None);
     }
-    finish(tx, result)?;
+    let id = finish(tx, result)?.and_then(|f| f.id);
     d.done += 1;
     d.results_pending += 1;
-    Ok(true)
+    Ok(Some(id))
 }
 
-/// Marks the task done (dropping its payload) and stores its result. Returns false if the task was not running
+/// A task [`finish`] marked done: its result's row id (`None` if a result for the id was already stored) and
+/// the service the result goes to.
+pub(super) struct Finished {
+    pub id: Option<i64>,
+    pub service: Option<ServiceName>,
+}
+
+/// Marks the task done (dropping its payload) and stores its result. `None` if the task was not running
 /// (already finished: the first result wins).
-pub(super) fn finish(tx: &rusqlite::Transaction, r: &TaskResult) -> Result<bool, StoreError> {
+pub(super) fn finish(
+    tx: &rusqlite::Transaction,
+    r: &TaskResult,
+) -> Result<Option<Finished>, StoreError> {
     let now = now_ms() as i64;
-    let changed = tx
+    let reply_to: Option<Option<String>> = tx
         .prepare_cached(
-            "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2, suspect = 0 WHERE task_id = ?3 AND state = ?4",
+            "UPDATE tasks SET state = ?1, payload = x'', done_at_ms = ?2, suspect = 0 WHERE task_id = ?3 AND state = ?4
+             RETURNING reply_to",
         )?
-        .execute(params![DONE, now, r.task_id, RUNNING])?;
-    if changed == 0 {
-        return Ok(false);
-    }
-    tx.prepare_cached(
-        "INSERT INTO results (task_id, status, exit_code, attempts, duration_ms, body, finished_at_ms, reply_to)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, (SELECT reply_to FROM tasks WHERE task_id = ?1))
-         ON CONFLICT(task_id) DO NOTHING",
-    )?
-    .execute(params![
+        .query_row(params![DONE, now, r.task_id, RUNNING], |row| row.get(0))
+        .optional()?;
+    let Some(reply_to) = reply_to else {
+        return Ok(None);
+    };
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO results (task_id, status, exit_code, attempts, duration_ms, body, finished_at_ms, reply_to)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(task_id) DO NOTHING",
+        )?
+        .execute(params![
             r.task_id,
             r.status.as_str(),
             r.exit_code,
             r.attempts,
             r.duration_ms.min(i64::MAX as u64) as i64,
             r.body,
-            now
-        ],
-    )?;
-    Ok(true)
+            now,
+            reply_to
+        ])?;
+    let id = (inserted > 0).then(|| tx.last_insert_rowid());
+    // Checked on intake; a name that no longer parses goes to the shared queue (as `pending` reads it).
+    Ok(Some(Finished {
+        id,
+        service: reply_to.and_then(|s| ServiceName::new(s).ok()),
+    }))
 }
 
-/// Stores finished results (each task marked done with its result).
+/// Stores finished results (each task marked done with its result); returns the result rows stored.
 pub(super) fn finish_all(
     tx: &rusqlite::Transaction,
     results: &[TaskResult],
     d: &mut Delta,
-) -> Result<(), StoreError> {
-    for result in results {
-        if finish(tx, result)? {
+) -> Result<Vec<Stored>, StoreError> {
+    let mut stored = Vec::new();
+    for (index, result) in results.iter().enumerate() {
+        if let Some(Finished { id, service }) = finish(tx, result)? {
             d.finished();
+            stored.extend(id.map(|id| Stored { index, id, service }));
         }
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// Puts running tasks back in the queue without counting their attempt (shutdown, or claimed and not run).

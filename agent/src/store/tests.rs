@@ -608,3 +608,84 @@ async fn checkpoints_run_beside_the_writer() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn committed_results_are_handed_to_the_publisher_as_stored() {
+    let dir = tempdir("handoff");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    let handoff = store.handoff();
+    let service = endpoint_wire::ServiceName::new("svc".to_owned()).unwrap();
+    let ran = Intake::Ran {
+        function: "echo".into(),
+        result: TaskResult {
+            task_id: "ran".into(),
+            status: Status::Ok,
+            exit_code: None,
+            attempts: 1,
+            duration_ms: 0,
+            body: b"echoed".to_vec(),
+        },
+        reply_to: Some(service.clone()),
+    };
+    let rejected = Intake::Rejected {
+        task_id: "bad".into(),
+        function: "nope".into(),
+        reason: "unknown function".into(),
+        reply_to: None,
+    };
+    store
+        .ingest(vec![task("queued"), ran, rejected, task("ran")])
+        .await
+        .unwrap();
+    let claimed = fc(&store, None, true).await.unwrap();
+    assert!(fc(&store, Some(ok(&claimed)), false).await.is_none());
+    let (got, overflowed) = handoff.take(100);
+    assert!(!overflowed);
+    // The same rows, ids and services a read of the database finds, in commit order; the duplicate is not there.
+    let pending = Reader::open(&dir).unwrap().pending_results(0, 100).unwrap();
+    let as_read: Vec<_> = pending
+        .into_iter()
+        .map(|(id, r, s)| (id, r.task_id, r.body, s))
+        .collect();
+    let handed: Vec<_> = got
+        .into_iter()
+        .map(|c| (c.id, c.result.task_id, c.result.body, c.service))
+        .collect();
+    assert_eq!(handed, as_read);
+    assert_eq!(
+        handed
+            .iter()
+            .map(|(_, id, _, s)| (id.as_str(), s.clone()))
+            .collect::<Vec<_>>(),
+        vec![("ran", Some(service)), ("bad", None), ("queued", None)]
+    );
+}
+
+#[tokio::test]
+async fn a_commit_that_fails_gives_its_items_back() {
+    let dir = tempdir("give-back");
+    let (store, _) = Store::open(&dir, 3).unwrap();
+    // Another connection holds the write lock past the writer's busy timeout: the commit fails.
+    let blocker = Connection::open(dir.join(DB_FILE)).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let items = vec![task("a"), task("b")];
+    let failed = store.try_ingest(items.clone()).await.unwrap_err();
+    assert_eq!(failed.items, Some(items.clone()), "{}", failed.error);
+    let results = vec![TaskResult {
+        task_id: "a".into(),
+        status: Status::Ok,
+        exit_code: None,
+        attempts: 1,
+        duration_ms: 0,
+        body: vec![1; 1000],
+    }];
+    let failed = store
+        .try_finish_and_claim(results.clone(), 1)
+        .await
+        .unwrap_err();
+    assert_eq!(failed.items, Some(results));
+    blocker.execute_batch("ROLLBACK").unwrap();
+    // What came back commits once the lock is gone.
+    let out = store.try_ingest(items).await.unwrap();
+    assert_eq!(out.queued, 2);
+}

@@ -6,8 +6,9 @@
 //! checkpointer thread (`checkpointer`) runs them beside it, so that a commit is only its own statements and
 //! its fsync.
 
-use super::sql::{self, Delta};
-use super::{Reply, StoreError};
+use super::handoff::{Committed, Handoff};
+use super::sql::{self, Delta, Stored};
+use super::{GiveBack, NotStored, Reply, StoreError};
 use crate::claim::Want;
 use crate::limits::{MARK_DELAY, WRITER_MAX_BATCH};
 use crate::meta::MetaKey;
@@ -28,9 +29,15 @@ pub(super) enum Command {
 
 /// A command that runs in the next transaction.
 pub(super) enum Op {
-    Ingest(Vec<Intake>, Reply<IngestOutcome>),
-    /// Stores finished results and claims up to `want` queued tasks, in one transaction.
-    FinishAndClaim(Vec<TaskResult>, Want, Reply<Vec<ClaimedTask>>),
+    /// Queues new tasks, records those that come with a result; the items come back if they are not committed.
+    Ingest(Vec<Intake>, GiveBack<IngestOutcome, Vec<Intake>>),
+    /// Stores finished results and claims up to `want` queued tasks, in one transaction; the results come back
+    /// if they are not committed.
+    FinishAndClaim(
+        Vec<TaskResult>,
+        Want,
+        GiveBack<Vec<ClaimedTask>, Vec<TaskResult>>,
+    ),
     /// Puts tasks interrupted by shutdown (or claimed but not started) back in the queue, not counting the run
     /// as an attempt.
     Requeue(Vec<String>, Reply<()>),
@@ -46,12 +53,14 @@ pub(super) enum Op {
 /// A parked claim: how many tasks it takes, and where they go.
 type Parked = (Want, Reply<Vec<ClaimedTask>>);
 
-/// Serves commands until every [`super::Store`] handle is gone. After each commit it tells the checkpointer
-/// (`commits`, never waiting: a signal already pending covers this commit too).
+/// Serves commands until every [`super::Store`] handle is gone. After each commit it hands the committed
+/// results to the publisher (`handoff`) and tells the checkpointer (`commits`, never waiting: a signal already
+/// pending covers this commit too).
 pub(super) fn run(
     mut conn: Connection,
     rx: mpsc::Receiver<Command>,
     counts: watch::Sender<Counts>,
+    handoff: &Handoff,
     commits: mpsc::SyncSender<()>,
 ) {
     let mut parked: VecDeque<Parked> = VecDeque::new();
@@ -76,7 +85,7 @@ pub(super) fn run(
             }
         }
         let started = std::time::Instant::now();
-        let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts);
+        let mut orphans = run_batch(&mut conn, batch, &mut parked, &counts, handoff);
         crate::stages::since(crate::stages::Stage::WriterBatch, started);
         let _ = commits.try_send(());
         // Tasks claimed for a caller that went away meanwhile: back to the queue, attempt not counted.
@@ -87,6 +96,7 @@ pub(super) fn run(
                 vec![Op::Requeue(orphans, reply)],
                 &mut parked,
                 &counts,
+                handoff,
             );
         }
     }
@@ -100,65 +110,150 @@ fn take(cmd: Command, batch: &mut Vec<Op>, parked: &mut VecDeque<Parked>) {
     }
 }
 
-/// A reply held back until the batch's commit, then sent with the command's own result or the commit's error.
-/// Returns the ids of tasks it claimed for a caller that is gone (they must be requeued).
-type Deferred = Box<dyn FnOnce(Option<&StoreError>) -> Vec<String> + Send>;
+/// A reply held back until the batch's commit, then sent with the command's own result or, if the commit failed,
+/// the commit's error.
+/// After a commit it moves the results the command stored into `committed` (for the publisher). Returns the
+/// ids of tasks it claimed for a caller that is gone (they must be requeued).
+type Deferred = Box<dyn FnOnce(Option<&StoreError>, &mut Vec<Committed>) -> Vec<String> + Send>;
 
 fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Deferred {
-    Box::new(move |commit_error: Option<&StoreError>| {
-        let result = match (result, commit_error) {
-            (Ok(_), Some(e)) => Err(copy_error(e)),
-            (r, _) => r,
-        };
-        let _ = reply.send(result);
-        Vec::new()
-    })
+    Box::new(
+        move |commit_error: Option<&StoreError>, _: &mut Vec<Committed>| {
+            let result = match commit_error {
+                Some(e) => Err(copy_error(e)),
+                None => result,
+            };
+            let _ = reply.send(result);
+            Vec::new()
+        },
+    )
 }
 
-/// Like [`defer`] for claimed tasks: if the caller dropped its end, the claimed tasks are handed back.
+/// Sends claimed tasks; if the caller dropped its end, returns their ids to hand them back.
+fn send_claim<E>(
+    reply: oneshot::Sender<Result<Vec<ClaimedTask>, E>>,
+    result: Result<Vec<ClaimedTask>, E>,
+) -> Vec<String> {
+    match reply.send(result) {
+        Err(Ok(tasks)) => tasks.into_iter().map(|t| t.task_id).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Like [`defer`] for a parked claim.
 fn defer_claim(
     reply: Reply<Vec<ClaimedTask>>,
     result: Result<Vec<ClaimedTask>, StoreError>,
 ) -> Deferred {
-    Box::new(move |commit_error: Option<&StoreError>| {
-        let result = match (result, commit_error) {
-            (Ok(_), Some(e)) => Err(copy_error(e)),
-            (r, _) => r,
-        };
-        match reply.send(result) {
-            Err(Ok(tasks)) => tasks.into_iter().map(|t| t.task_id).collect(),
-            _ => Vec::new(),
-        }
-    })
+    Box::new(
+        move |commit_error: Option<&StoreError>, _: &mut Vec<Committed>| {
+            let result = match commit_error {
+                Some(e) => Err(copy_error(e)),
+                None => result,
+            };
+            send_claim(reply, result)
+        },
+    )
+}
+
+/// The deferred reply of a command that stored results (`items`, each turned into its result by `result_of`):
+/// after the commit the stored ones move to the publisher and `value` goes to the caller; else `items` go back.
+fn defer_stored<T: Send + 'static, I: Send + 'static>(
+    reply: GiveBack<T, Vec<I>>,
+    items: Vec<I>,
+    result: Result<(T, Vec<Stored>), StoreError>,
+    result_of: fn(I) -> Option<TaskResult>,
+    send: Answer<T, Vec<I>>,
+) -> Deferred {
+    Box::new(
+        move |commit_error: Option<&StoreError>, committed: &mut Vec<Committed>| {
+            let error = match (result, commit_error) {
+                (_, Some(e)) => copy_error(e),
+                (Ok((value, stored)), None) => {
+                    let mut items: Vec<Option<I>> = items.into_iter().map(Some).collect();
+                    for Stored { index, id, service } in stored {
+                        if let Some(result) = items
+                            .get_mut(index)
+                            .and_then(Option::take)
+                            .and_then(result_of)
+                        {
+                            committed.push(Committed {
+                                id,
+                                result,
+                                service,
+                            });
+                        }
+                    }
+                    return send(reply, Ok(value));
+                }
+                (Err(e), None) => e,
+            };
+            send(
+                reply,
+                Err(NotStored {
+                    error,
+                    items: Some(items),
+                }),
+            )
+        },
+    )
+}
+
+/// How a command that carries items is answered (returns the ids of claimed tasks whose caller is gone).
+type Answer<T, I> = fn(GiveBack<T, I>, Result<T, NotStored<I>>) -> Vec<String>;
+
+/// The result an intake item came with (rejected, or run on arrival).
+fn intake_result(item: Intake) -> Option<TaskResult> {
+    match item {
+        Intake::Task(_) => None,
+        Intake::Rejected {
+            task_id, reason, ..
+        } => Some(sql::rejected(&task_id, &reason)),
+        Intake::Ran { result, .. } => Some(result),
+    }
+}
+
+fn send_plain<T, I>(reply: GiveBack<T, I>, result: Result<T, NotStored<I>>) -> Vec<String> {
+    let _ = reply.send(result);
+    Vec::new()
 }
 
 fn copy_error(e: &StoreError) -> StoreError {
     StoreError::Commit(e.to_string(), e.is_disk_full())
 }
 
-/// Runs one batch in one transaction and commits it, serving parked claims last; then replies. Returns tasks to
-/// requeue (see [`Deferred`]).
+/// Runs one batch in one transaction and commits it, serving parked claims last; then hands the committed
+/// results to the publisher and replies. Returns tasks to requeue (see [`Deferred`]). Every command gets its
+/// reply, the commit's error if it failed, so that what a command carried always goes back to its caller.
 fn run_batch(
     conn: &mut Connection,
     batch: Vec<Op>,
     parked: &mut VecDeque<Parked>,
     counts_tx: &watch::Sender<Counts>,
+    handoff: &Handoff,
 ) -> Vec<String> {
     let mut replies: Vec<Deferred> = Vec::with_capacity(batch.len());
     let mut counts = *counts_tx.borrow();
+    let mut ops = batch.into_iter();
     let outcome = (|| -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for op in batch {
-            tx.prepare_cached("SAVEPOINT cmd")?.execute([])?;
+        for op in ops.by_ref() {
             let mut delta = Delta::default();
+            let savepoint = tx
+                .prepare_cached("SAVEPOINT cmd")
+                .and_then(|mut s| s.execute([]));
+            if let Err(e) = savepoint {
+                replies.push(fail(op));
+                return Err(e.into());
+            }
             let (reply, ok) = execute(&tx, op, &mut delta, counts.handed_back > 0);
+            replies.push(reply);
             if ok {
                 tx.prepare_cached("RELEASE cmd")?.execute([])?;
                 delta.apply(&mut counts);
             } else {
                 tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
             }
-            replies.push(reply);
         }
         // Parked claims, oldest first, as long as tasks can be claimed.
         while let Some((want, reply)) = parked.pop_front() {
@@ -174,9 +269,9 @@ fn run_batch(
                     break;
                 }
                 Ok(tasks) => {
+                    replies.push(defer_claim(reply, Ok(tasks)));
                     tx.prepare_cached("RELEASE cmd")?.execute([])?;
                     delta.apply(&mut counts);
-                    replies.push(defer_claim(reply, Ok(tasks)));
                 }
                 Err(e) => {
                     tx.execute_batch("ROLLBACK TO cmd; RELEASE cmd")?;
@@ -187,6 +282,9 @@ fn run_batch(
         tx.commit()?;
         Ok(())
     })();
+    // Commands the batch never reached (it broke off) fail with it.
+    replies.extend(ops.map(fail));
+    let mut committed = Vec::new();
     match outcome {
         Ok(()) => {
             counts_tx.send_if_modified(|c| {
@@ -194,20 +292,44 @@ fn run_batch(
                 *c = counts;
                 changed
             });
-            replies.into_iter().flat_map(|r| r(None)).collect()
+            let orphans = replies
+                .into_iter()
+                .flat_map(|r| r(None, &mut committed))
+                .collect();
+            handoff.push(committed);
+            orphans
         }
         Err(e) => {
             tracing::error!(error = %e, "store commit failed; nothing in this batch was kept");
             replies.into_iter().for_each(|r| {
-                r(Some(&e));
+                r(Some(&e), &mut committed);
             });
-            // Commands that never got a reply (the batch broke off early) are answered by dropping their
-            // senders, which callers see as `Closed`; re-read the counts since the transaction rolled back.
+            // Re-read the counts since the transaction rolled back.
             if let Ok(c) = super::schema::read_counts(conn) {
                 counts_tx.send_replace(c);
             }
             Vec::new()
         }
+    }
+}
+
+/// The reply of a command the batch never ran: it gets the commit's error (which always wins, see [`Deferred`];
+/// `Closed` only stands in for it until then).
+fn fail(op: Op) -> Deferred {
+    fn never<T>() -> Result<T, StoreError> {
+        Err(StoreError::Closed)
+    }
+    match op {
+        Op::Ingest(items, reply) => defer_stored(reply, items, never(), intake_result, send_plain),
+        Op::FinishAndClaim(results, _, reply) => {
+            defer_stored(reply, results, never(), Some, send_claim)
+        }
+        Op::Requeue(_, reply)
+        | Op::Retry(_, reply)
+        | Op::MarkPublished(_, reply)
+        | Op::MarkHandedBack(_, reply)
+        | Op::SetMeta(_, _, reply) => defer(reply, never()),
+        Op::Prune(_, reply) => defer(reply, never()),
     }
 }
 
@@ -218,12 +340,17 @@ fn execute(tx: &rusqlite::Transaction, op: Op, d: &mut Delta, revive: bool) -> (
         (defer(reply, r), ok)
     }
     match op {
-        Op::Ingest(items, reply) => done(reply, sql::ingest(tx, items, d, revive)),
+        Op::Ingest(items, reply) => {
+            let r = sql::ingest(tx, &items, d, revive);
+            let ok = r.is_ok();
+            (defer_stored(reply, items, r, intake_result, send_plain), ok)
+        }
         Op::MarkHandedBack(ids, reply) => done(reply, sql::mark_handed_back(tx, ids, d)),
         Op::FinishAndClaim(results, want, reply) => {
-            let r = sql::finish_all(tx, &results, d).and_then(|()| sql::claim(tx, &want, d));
+            let r = sql::finish_all(tx, &results, d)
+                .and_then(|stored| Ok((sql::claim(tx, &want, d)?, stored)));
             let ok = r.is_ok();
-            (defer_claim(reply, r), ok)
+            (defer_stored(reply, results, r, Some, send_claim), ok)
         }
         Op::Requeue(task_ids, reply) => done(reply, sql::requeue(tx, task_ids, d)),
         Op::Retry(task_ids, reply) => done(reply, sql::retry(tx, task_ids, d)),
