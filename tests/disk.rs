@@ -11,7 +11,7 @@ async fn full_disk_stops_acking_and_recovers() {
     let ep = unique_endpoint("diskfull");
     let dir = TempDir::new("diskfull");
     let data = dir.0.join("data");
-    let fs = TinyFs::mount(&data, 8 * 1024);
+    let fs = TinyFs::mount(&data, 128 * 1024);
     let mut service = Service::provision(&ep, 1).await;
     let mut opts = AgentOptions::new(&ep, &data);
     opts.workers = 2;
@@ -31,7 +31,18 @@ async fn full_disk_stops_acking_and_recovers() {
     wait_running(&data, 2).await;
     let ballast = fs.fill();
     assert!(ballast > 0, "the ballast did not fill the tmpfs");
-    let big = "x".repeat(16 * 1024);
+    // A commit that fits in the space the WAL file already has still succeeds (durably: SQLite reuses the file
+    // from its start after a checkpoint), so each task here is larger than the whole WAL file: its commit needs
+    // the file to grow, which the full disk refuses.
+    let wal = std::fs::metadata(data.join(format!("{}-wal", endpoint_agent::store::DB_FILE)))
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
+    let big_len = (wal + 64 * 1024).max(16 * 1024);
+    assert!(
+        big_len < 1000 * 1024,
+        "the WAL file ({wal} bytes) is too large for a task body to outgrow it"
+    );
+    let big = "x".repeat(big_len);
     let later = service
         .submit((0..60).map(|i| echo(&format!("{i}{big}"))).collect())
         .await;
