@@ -34,9 +34,10 @@ pub const MAX_WORKERS: usize = 1024;
 
 // --- Intake ---
 
-/// Most payload bytes one intake batch holds (one commit, one ack): with the raw consumer reading the socket only
-/// as fast as batches are taken, this and `max_body_bytes` bound what deliveries take in memory.
-pub const INTAKE_BATCH_BYTES: usize = 16 << 20;
+/// Most payload bytes one intake batch holds (one commit, one ack). At most two batches are in memory (one
+/// committing, the next gathering meanwhile), and the raw consumer reads the socket only as fast as batches take
+/// deliveries: this and `max_body_bytes` bound what deliveries take in memory (2 x 8 MiB + one body).
+pub const INTAKE_BATCH_BYTES: usize = 8 << 20;
 
 // --- The store ---
 

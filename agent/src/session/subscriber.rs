@@ -1,5 +1,6 @@
 //! Takes tasks from the broker: an exclusive consumer on `<EP>.tasks` with a prefetch, on a connection of our
-//! own AMQP client (`raw`), group-committing every delivery to the store before one `multiple` ack. What
+//! own AMQP client (`raw`), group-committing every delivery to the store before one `multiple` ack, the next
+//! batch gathering while one commits. What
 //! each delivery becomes is `intake`'s decision (bad input becomes a `rejected` result or, with no task id, a
 //! logged drop; a first delivery of an instant function comes with its result). `raw` reads the socket only as
 //! fast as this takes deliveries and never holds a body over `max_body_bytes`, and a batch is bounded in
@@ -16,7 +17,7 @@ use crate::limits::{
     INTAKE_BATCH_BYTES, STANDBY_RETRY_MAX, STANDBY_RETRY_MIN, STORE_RETRY_MAX, STORE_RETRY_MIN,
 };
 use crate::meta::MetaKey;
-use crate::raw::{RawConnection, RawError};
+use crate::raw::{RawConnection, RawError, RawMessage};
 use crate::retry::{self, Backoff};
 use crate::stages::Stage;
 use crate::store::Store;
@@ -42,6 +43,15 @@ pub(crate) struct Subscriber {
 
 /// What ended a subscriber's work on its connection.
 pub(crate) type Ended = Result<(), RawError>;
+
+/// A batch being committed: the commit (true once committed, false if given up; it hands the backoff back), the
+/// last delivery tag to ack after it, how many deliveries it holds, and when its first one arrived.
+struct Committing<'a> {
+    commit: std::pin::Pin<Box<dyn std::future::Future<Output = (bool, Backoff)> + Send + 'a>>,
+    last_tag: u64,
+    received: usize,
+    arrived: std::time::Instant,
+}
 
 impl Subscriber {
     /// Consumes until `stop` (returns Ok; what was not acked goes back to the broker when the connection
@@ -140,56 +150,77 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Group commit, pipelined: while one batch commits, the deliveries that arrive meanwhile gather into the
+    /// next one (up to the prefetch and [`INTAKE_BATCH_BYTES`]), which starts committing as soon as the first is
+    /// acked. So the broker's deliveries and the disk's writes overlap instead of taking turns, and at most two
+    /// batches are in memory. Each batch is acked (one `multiple` ack of its last tag) only after its commit.
     async fn consume(&self, conn: &mut RawConnection, stop: &CancellationToken) -> Ended {
-        let mut retry = Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX);
         let max_batch = usize::from(self.config.prefetch);
         let max_body = self.config.max_body_bytes;
+        let mut retry = Some(Backoff::new(STORE_RETRY_MIN, STORE_RETRY_MAX));
+        // The batch gathering, its payload bytes, and when its first delivery arrived.
+        let mut next: Vec<RawMessage> = Vec::new();
+        let mut next_bytes = 0;
+        let mut next_arrived = std::time::Instant::now();
+        let mut committing: Option<Committing<'_>> = None;
         loop {
-            let first = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                d = conn.next_delivery(max_body) => d?,
-            };
-            let arrived = std::time::Instant::now();
-            let mut bytes = first.body.len();
-            let mut batch = vec![first];
-            // Group commit: take everything that has already arrived, up to the prefetch and a bounded size.
-            while batch.len() < max_batch && bytes < INTAKE_BATCH_BYTES {
-                match futures_lite::future::poll_once(conn.next_delivery(max_body)).await {
-                    Some(d) => {
-                        let d = d?;
-                        bytes += d.body.len();
-                        batch.push(d);
+            if committing.is_none() && !next.is_empty() {
+                if !self.wait_for_room(stop).await {
+                    return Ok(());
+                }
+                let batch = std::mem::take(&mut next);
+                next_bytes = 0;
+                let last_tag = batch
+                    .last()
+                    .map(|d| d.delivery_tag)
+                    .expect("checked non-empty");
+                if self.waiting.swap(false, Ordering::Relaxed) {
+                    self.became_active().await;
+                }
+                let received = batch.len();
+                let intake: Vec<Intake> = batch
+                    .into_iter()
+                    .filter(|d| d.properties.kind.as_deref() != Some(PROBE_TYPE.as_bytes()))
+                    .filter_map(|d| {
+                        let redelivered = d.redelivered;
+                        classify_raw(&self.config, d)
+                            .map(|i| on_arrival(&self.config, i, redelivered))
+                    })
+                    .collect();
+                let retry = retry.take().expect("one commit at a time");
+                committing = Some(Committing {
+                    commit: Box::pin(self.commit(intake, retry, stop)),
+                    last_tag,
+                    received,
+                    arrived: next_arrived,
+                });
+            }
+            let room = next.len() < max_batch && next_bytes < INTAKE_BATCH_BYTES;
+            tokio::select! {
+                biased;
+                // A commit under way is seen through (and acked) first: `commit` itself gives up on `stop`.
+                _ = stop.cancelled(), if committing.is_none() => return Ok(()),
+                (committed, backoff) = async { committing.as_mut().expect("checked some").commit.as_mut().await }, if committing.is_some() => {
+                    let batch = committing.take().expect("checked some");
+                    retry = Some(backoff);
+                    if !committed {
+                        return Ok(());
                     }
-                    None => break,
+                    let at = std::time::Instant::now();
+                    crate::stages::since(Stage::IntakeCommit, batch.arrived);
+                    conn.ack_up_to(batch.last_tag).await?;
+                    crate::stages::since(Stage::Ack, at);
+                    crate::http::metrics::deliveries_acked(batch.arrived, batch.received);
+                }
+                d = conn.next_delivery(max_body), if room => {
+                    let d = d?;
+                    if next.is_empty() {
+                        next_arrived = std::time::Instant::now();
+                    }
+                    next_bytes += d.body.len();
+                    next.push(d);
                 }
             }
-            if !self.wait_for_room(stop).await {
-                return Ok(());
-            }
-            let last_tag = batch
-                .last()
-                .map(|d| d.delivery_tag)
-                .expect("batch holds at least the first delivery");
-            if self.waiting.swap(false, Ordering::Relaxed) {
-                self.became_active().await;
-            }
-            let received = batch.len();
-            let intake: Vec<Intake> = batch
-                .into_iter()
-                .filter(|d| d.properties.kind.as_deref() != Some(PROBE_TYPE.as_bytes()))
-                .filter_map(|d| {
-                    let redelivered = d.redelivered;
-                    classify_raw(&self.config, d).map(|i| on_arrival(&self.config, i, redelivered))
-                })
-                .collect();
-            if !intake.is_empty() && !self.commit(intake, &mut retry, stop).await {
-                return Ok(());
-            }
-            let committed = std::time::Instant::now();
-            crate::stages::since(Stage::IntakeCommit, arrived);
-            conn.ack_up_to(last_tag).await?;
-            crate::stages::since(Stage::Ack, committed);
-            crate::http::metrics::deliveries_acked(arrived, received);
         }
     }
 
@@ -210,18 +241,23 @@ impl Subscriber {
 
     /// Commits received tasks, retrying with backoff until it works (a full disk); nothing may be acked before.
     /// A failed commit gives the batch back, so a retry copies nothing. False if `stop` came first (the
-    /// deliveries stay unacked and go back to the broker), or if the store is gone.
+    /// deliveries stay unacked and go back to the broker), or if the store is gone. Owns the backoff while it
+    /// runs (it runs beside the gathering of the next batch) and returns it.
     async fn commit(
         &self,
         intake: Vec<Intake>,
-        retry: &mut Backoff,
+        mut retry: Backoff,
         stop: &CancellationToken,
-    ) -> bool {
+    ) -> (bool, Backoff) {
+        if intake.is_empty() {
+            // Nothing but probes or dropped deliveries: only the ack is due.
+            return (true, retry);
+        }
         // What the metrics need of the batch, taken before it moves into the store.
         let finished = crate::http::metrics::arrived_finished(&self.config, &intake);
         let committed = retry::until_stopped_with(
             "cannot commit received tasks (not acked)",
-            retry,
+            &mut retry,
             stop,
             intake,
             |intake| async {
@@ -232,19 +268,17 @@ impl Subscriber {
             },
         )
         .await;
-        match committed {
-            Some(out) => {
-                crate::http::metrics::intake_committed(finished);
-                if out.duplicates > 0 {
-                    tracing::info!(
-                        duplicates = out.duplicates,
-                        "task ids already on disk were not queued again"
-                    );
-                }
-                true
-            }
-            None => false,
+        let Some(out) = committed else {
+            return (false, retry);
+        };
+        crate::http::metrics::intake_committed(finished);
+        if out.duplicates > 0 {
+            tracing::info!(
+                duplicates = out.duplicates,
+                "task ids already on disk were not queued again"
+            );
         }
+        (true, retry)
     }
 
     /// Local backpressure: waits while the backlog on disk is at its maximum. False if stopped meanwhile.
