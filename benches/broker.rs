@@ -153,6 +153,11 @@ impl RunState {
 /// The service side: one connection that provisions, submits and receives results.
 pub struct Service {
     pub conn: Connection,
+    /// A connection for nothing but the tasks queues' checks (a channel per check): no channel on it ever fails,
+    /// whereas `conn` has had channel errors (provisioning checks the shared queue passively), and after a few
+    /// thousand channels lapin handed out such a failed channel's id again with its old error (a `--full --busy`
+    /// run stopped on it).
+    checks: Connection,
     submitter: Arc<Submitter>,
     channel: Channel,
     queue: String,
@@ -168,6 +173,9 @@ impl Service {
         let conn = endpoint_wire::amqp::connect(url, "bench service")
             .await
             .context("while connecting the bench's service side: is RabbitMQ running? (docker compose up -d)")?;
+        let checks = endpoint_wire::amqp::connect(url, "bench checks")
+            .await
+            .context("while connecting the bench's checks")?;
         // Provision once so the `results` exchange exists before the bench queue binds to it.
         let channel = conn
             .create_channel()
@@ -208,6 +216,7 @@ impl Service {
         let receiver = tokio::spawn(receive(consumer, current.clone()));
         Ok(Service {
             conn,
+            checks,
             submitter,
             channel,
             queue,
@@ -264,7 +273,7 @@ impl Service {
 
     /// Number of tasks waiting in `ep`'s tasks queue and its consumers.
     pub async fn tasks_queue(&self, ep: &EndpointId) -> Result<(u32, u32)> {
-        let q = endpoint_wire::amqp::queue_info(&self.conn, &ep.tasks_queue())
+        let q = endpoint_wire::amqp::queue_info(&self.checks, &ep.tasks_queue())
             .await
             .context("while checking a tasks queue")?
             .ok_or_else(|| anyhow!("queue {} is gone: was the vhost deleted?", ep.tasks_queue()))?;

@@ -1,5 +1,7 @@
 //! Retrying: [`until_stopped`], the one loop that retries an operation until it succeeds or the agent stops it,
-//! waiting the clamped, jittered exponential [`Backoff`] of the contract crate between attempts.
+//! waiting the clamped, jittered exponential [`Backoff`] of the contract crate between attempts; its form
+//! [`until_stopped_with`] hands the operation its input by value and takes it back from each failure, so that
+//! a retried commit copies nothing.
 
 pub use endpoint_wire::Backoff;
 use tokio_util::sync::CancellationToken;
@@ -101,5 +103,35 @@ mod tests {
         })
         .await;
         assert_eq!(never, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_input_given_back_is_retried_and_a_lost_one_ends_the_retries() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(40));
+        let stop = CancellationToken::new();
+        let mut seen = Vec::new();
+        let got = until_stopped_with("flaky", &mut backoff, &stop, vec![1, 2], |v: Vec<i32>| {
+            seen.push(v.clone());
+            let n = seen.len();
+            async move {
+                if n < 3 {
+                    Err((Flaky("not yet"), Some(v)))
+                } else {
+                    Ok(v.len())
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, Some(2));
+        assert_eq!(
+            seen,
+            vec![vec![1, 2]; 3],
+            "each retry gets the same input back"
+        );
+        let lost: Option<()> = until_stopped_with("lost", &mut backoff, &stop, 7, |_| async {
+            Err((Flaky("gone"), None))
+        })
+        .await;
+        assert_eq!(lost, None, "nothing to retry with: given up at once");
     }
 }
