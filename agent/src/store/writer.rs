@@ -111,9 +111,8 @@ fn take(cmd: Command, batch: &mut Vec<Op>, parked: &mut VecDeque<Parked>) {
 }
 
 /// A reply held back until the batch's commit, then sent with the command's own result or, if the commit failed,
-/// the commit's error.
-/// After a commit it moves the results the command stored into `committed` (for the publisher). Returns the
-/// ids of tasks it claimed for a caller that is gone (they must be requeued).
+/// the commit's error. After a commit it moves the results the command stored into `committed` (for the
+/// publisher). Returns the ids of tasks it claimed for a caller that is gone (they must be requeued).
 type Deferred = Box<dyn FnOnce(Option<&StoreError>, &mut Vec<Committed>) -> Vec<String> + Send>;
 
 fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Deferred {
