@@ -139,17 +139,10 @@ impl Publisher {
                     if ahead.contains(&id) {
                         continue;
                     }
-                    let service = service.filter(|_| !unaddressed.contains(&id));
-                    let confirm = self
-                        .publish_result(&channel, &r, service.as_ref(), user_id)
+                    let sent = self
+                        .send(&channel, id, r, service, &unaddressed, user_id)
                         .await?;
-                    in_flight.push_back(InFlight {
-                        id,
-                        task_id: r.task_id,
-                        service,
-                        confirm,
-                        sent_at: std::time::Instant::now(),
-                    });
+                    in_flight.push_back(sent);
                 }
                 // No later read returns a row at or below the cursor.
                 ahead = ahead.split_off(&(cursor + 1));
@@ -173,17 +166,10 @@ impl Publisher {
                     if id <= cursor || !ahead.insert(id) {
                         continue;
                     }
-                    let service = service.filter(|_| !unaddressed.contains(&id));
-                    let confirm = self
-                        .publish_result(&channel, &r, service.as_ref(), user_id)
+                    let sent = self
+                        .send(&channel, id, r, service, &unaddressed, user_id)
                         .await?;
-                    in_flight.push_back(InFlight {
-                        id,
-                        task_id: r.task_id,
-                        service,
-                        confirm,
-                        sent_at: std::time::Instant::now(),
-                    });
+                    in_flight.push_back(sent);
                 }
             }
             if marking.is_none() && !acked.is_empty() {
@@ -261,6 +247,30 @@ impl Publisher {
                 _ = std::future::ready(()), if room && fresh => {}
             }
         }
+    }
+
+    /// Publishes result `id` (row id) to its service, or to the shared queue if it is in `unaddressed` (a
+    /// service's queue did not take it) or names none; returns it as in flight.
+    async fn send(
+        &self,
+        channel: &Channel,
+        id: i64,
+        r: TaskResult,
+        service: Option<ServiceName>,
+        unaddressed: &HashSet<i64>,
+        user_id: Option<&str>,
+    ) -> Result<InFlight, BrokerError> {
+        let service = service.filter(|_| !unaddressed.contains(&id));
+        let confirm = self
+            .publish_result(channel, &r, service.as_ref(), user_id)
+            .await?;
+        Ok(InFlight {
+            id,
+            task_id: r.task_id,
+            service,
+            confirm,
+            sent_at: std::time::Instant::now(),
+        })
     }
 
     /// Publishes one result (`mandatory`, persistent) for `service` (or the shared queue); returns its pending

@@ -21,7 +21,8 @@ use std::time::Instant;
 pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(SQLITE_BUSY_TIMEOUT)?;
-    // Its own commits (it makes none) must not checkpoint either; and a checkpoint syncs the database file.
+    // A checkpoint syncs the WAL before it copies and the database file after: the copy is on disk before the
+    // WAL may start over.
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
 }

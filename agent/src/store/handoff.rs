@@ -86,15 +86,6 @@ impl Handoff {
             .expect("the hand-off's lock is never poisoned") = Waiting::default();
     }
 
-    /// Whether results are waiting (or some were left out).
-    pub fn is_empty(&self) -> bool {
-        let w = self
-            .waiting
-            .lock()
-            .expect("the hand-off's lock is never poisoned");
-        w.results.is_empty() && !w.overflowed
-    }
-
     /// Wakes after the next [`Handoff::push`] (or at once if one happened since the last wake-up).
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
@@ -136,7 +127,8 @@ mod tests {
             overflowed,
             "the publisher must be told to read the database"
         );
-        assert!(h.is_empty());
+        let (rest, again) = h.take(10);
+        assert!(rest.is_empty() && !again, "nothing waits once taken");
         // A single result larger than the budget is still handed over when nothing else waits.
         h.push(vec![committed(5, HANDOFF_BYTES + 1)]);
         let (got, overflowed) = h.take(10);

@@ -19,6 +19,22 @@ fn task(id: &str) -> Intake {
     })
 }
 
+/// A task run on arrival (`echo`, attempt 1) with its result.
+fn ran(id: &str, body: &[u8], reply_to: Option<endpoint_wire::ServiceName>) -> Intake {
+    Intake::Ran {
+        function: "echo".into(),
+        result: TaskResult {
+            task_id: id.into(),
+            status: Status::Ok,
+            exit_code: None,
+            attempts: 1,
+            duration_ms: 0,
+            body: body.to_vec(),
+        },
+        reply_to,
+    }
+}
+
 fn ok(c: &ClaimedTask) -> TaskResult {
     TaskResult {
         task_id: c.task_id.clone(),
@@ -116,24 +132,12 @@ async fn task_life_cycle_and_dedup() {
 async fn a_task_run_on_arrival_is_stored_done_with_its_result() {
     let dir = tempdir("ran");
     let (store, _) = Store::open(&dir, 3).unwrap();
-    let ran = |id: &str, body: &str| Intake::Ran {
-        function: "echo".into(),
-        result: TaskResult {
-            task_id: id.into(),
-            status: Status::Ok,
-            exit_code: None,
-            attempts: 1,
-            duration_ms: 0,
-            body: body.into(),
-        },
-        reply_to: None,
-    };
     let out = store
         .ingest(vec![
             task("q"),
-            ran("r", "first"),
-            ran("r", "second"),
-            ran("q", "x"),
+            ran("r", b"first", None),
+            ran("r", b"second", None),
+            ran("q", b"x", None),
         ])
         .await
         .unwrap();
@@ -532,18 +536,7 @@ async fn results_remember_the_service_their_task_named() {
         timeout_ms: None,
         reply_to: svc(),
     };
-    let ran = Intake::Ran {
-        function: "echo".into(),
-        result: TaskResult {
-            task_id: "ran".into(),
-            status: Status::Ok,
-            exit_code: None,
-            attempts: 1,
-            duration_ms: 0,
-            body: Vec::new(),
-        },
-        reply_to: svc(),
-    };
+    let ran = ran("ran", b"", svc());
     let rejected = Intake::Rejected {
         task_id: "rejected".into(),
         function: "nope".into(),
@@ -615,18 +608,7 @@ async fn committed_results_are_handed_to_the_publisher_as_stored() {
     let (store, _) = Store::open(&dir, 3).unwrap();
     let handoff = store.handoff();
     let service = endpoint_wire::ServiceName::new("svc".to_owned()).unwrap();
-    let ran = Intake::Ran {
-        function: "echo".into(),
-        result: TaskResult {
-            task_id: "ran".into(),
-            status: Status::Ok,
-            exit_code: None,
-            attempts: 1,
-            duration_ms: 0,
-            body: b"echoed".to_vec(),
-        },
-        reply_to: Some(service.clone()),
-    };
+    let ran = ran("ran", b"echoed", Some(service.clone()));
     let rejected = Intake::Rejected {
         task_id: "bad".into(),
         function: "nope".into(),

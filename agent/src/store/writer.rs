@@ -115,14 +115,21 @@ fn take(cmd: Command, batch: &mut Vec<Op>, parked: &mut VecDeque<Parked>) {
 /// publisher). Returns the ids of tasks it claimed for a caller that is gone (they must be requeued).
 type Deferred = Box<dyn FnOnce(Option<&StoreError>, &mut Vec<Committed>) -> Vec<String> + Send>;
 
+/// A command's result as its caller gets it: the commit's error, if the commit failed, wins.
+fn settled<T>(
+    result: Result<T, StoreError>,
+    commit_error: Option<&StoreError>,
+) -> Result<T, StoreError> {
+    match commit_error {
+        Some(e) => Err(copy_error(e)),
+        None => result,
+    }
+}
+
 fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Deferred {
     Box::new(
         move |commit_error: Option<&StoreError>, _: &mut Vec<Committed>| {
-            let result = match commit_error {
-                Some(e) => Err(copy_error(e)),
-                None => result,
-            };
-            let _ = reply.send(result);
+            let _ = reply.send(settled(result, commit_error));
             Vec::new()
         },
     )
@@ -146,11 +153,7 @@ fn defer_claim(
 ) -> Deferred {
     Box::new(
         move |commit_error: Option<&StoreError>, _: &mut Vec<Committed>| {
-            let result = match commit_error {
-                Some(e) => Err(copy_error(e)),
-                None => result,
-            };
-            send_claim(reply, result)
+            send_claim(reply, settled(result, commit_error))
         },
     )
 }
@@ -166,9 +169,8 @@ fn defer_stored<T: Send + 'static, I: Send + 'static>(
 ) -> Deferred {
     Box::new(
         move |commit_error: Option<&StoreError>, committed: &mut Vec<Committed>| {
-            let error = match (result, commit_error) {
-                (_, Some(e)) => copy_error(e),
-                (Ok((value, stored)), None) => {
+            let error = match settled(result, commit_error) {
+                Ok((value, stored)) => {
                     let mut items: Vec<Option<I>> = items.into_iter().map(Some).collect();
                     for Stored { index, id, service } in stored {
                         if let Some(result) = items
@@ -185,7 +187,7 @@ fn defer_stored<T: Send + 'static, I: Send + 'static>(
                     }
                     return send(reply, Ok(value));
                 }
-                (Err(e), None) => e,
+                Err(e) => e,
             };
             send(
                 reply,
