@@ -111,9 +111,10 @@ fn take(cmd: Command, batch: &mut Vec<Op>, parked: &mut VecDeque<Parked>) {
 }
 
 /// A reply held back until the batch's commit, then sent with the command's own result or, if the commit failed,
-/// the commit's error. After a commit it moves the results the command stored into `committed` (for the
-/// publisher). Returns the ids of tasks it claimed for a caller that is gone (they must be requeued).
-type Deferred = Box<dyn FnOnce(Option<&StoreError>, &mut Vec<Committed>) -> Vec<String> + Send>;
+/// the commit's error. After a commit it first hands the results the command stored to the publisher
+/// (`handoff`), so they are there before its caller hears of the commit. Returns the ids of tasks it claimed for
+/// a caller that is gone (they must be requeued).
+type Deferred = Box<dyn FnOnce(Option<&StoreError>, &Handoff) -> Vec<String> + Send>;
 
 /// A command's result as its caller gets it: the commit's error, if the commit failed, wins.
 fn settled<T>(
@@ -127,12 +128,10 @@ fn settled<T>(
 }
 
 fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Deferred {
-    Box::new(
-        move |commit_error: Option<&StoreError>, _: &mut Vec<Committed>| {
-            let _ = reply.send(settled(result, commit_error));
-            Vec::new()
-        },
-    )
+    Box::new(move |commit_error: Option<&StoreError>, _: &Handoff| {
+        let _ = reply.send(settled(result, commit_error));
+        Vec::new()
+    })
 }
 
 /// Sends claimed tasks; if the caller dropped its end, returns their ids to hand them back.
@@ -151,11 +150,9 @@ fn defer_claim(
     reply: Reply<Vec<ClaimedTask>>,
     result: Result<Vec<ClaimedTask>, StoreError>,
 ) -> Deferred {
-    Box::new(
-        move |commit_error: Option<&StoreError>, _: &mut Vec<Committed>| {
-            send_claim(reply, settled(result, commit_error))
-        },
-    )
+    Box::new(move |commit_error: Option<&StoreError>, _: &Handoff| {
+        send_claim(reply, settled(result, commit_error))
+    })
 }
 
 /// The deferred reply of a command that stored results (`items`, each turned into its result by `result_of`):
@@ -168,10 +165,11 @@ fn defer_stored<T: Send + 'static, I: Send + 'static>(
     send: Answer<T, Vec<I>>,
 ) -> Deferred {
     Box::new(
-        move |commit_error: Option<&StoreError>, committed: &mut Vec<Committed>| {
+        move |commit_error: Option<&StoreError>, handoff: &Handoff| {
             let error = match settled(result, commit_error) {
                 Ok((value, stored)) => {
                     let mut items: Vec<Option<I>> = items.into_iter().map(Some).collect();
+                    let mut committed = Vec::with_capacity(stored.len());
                     for Stored { index, id, service } in stored {
                         if let Some(result) = items
                             .get_mut(index)
@@ -185,6 +183,7 @@ fn defer_stored<T: Send + 'static, I: Send + 'static>(
                             });
                         }
                     }
+                    handoff.push(committed);
                     return send(reply, Ok(value));
                 }
                 Err(e) => e,
@@ -285,7 +284,6 @@ fn run_batch(
     })();
     // Commands the batch never reached (it broke off) fail with it.
     replies.extend(ops.map(fail));
-    let mut committed = Vec::new();
     match outcome {
         Ok(()) => {
             counts_tx.send_if_modified(|c| {
@@ -293,17 +291,12 @@ fn run_batch(
                 *c = counts;
                 changed
             });
-            let orphans = replies
-                .into_iter()
-                .flat_map(|r| r(None, &mut committed))
-                .collect();
-            handoff.push(committed);
-            orphans
+            replies.into_iter().flat_map(|r| r(None, handoff)).collect()
         }
         Err(e) => {
             tracing::error!(error = %e, "store commit failed; nothing in this batch was kept");
             replies.into_iter().for_each(|r| {
-                r(Some(&e), &mut committed);
+                r(Some(&e), handoff);
             });
             // Re-read the counts since the transaction rolled back.
             if let Ok(c) = super::schema::read_counts(conn) {
